@@ -1,0 +1,206 @@
+"""The `Agent`: owns every long-lived task, starts the stages, ticks, and stops them in reverse.
+
+Life of the process, as in uvicorn's `Server`: `startup()` (offsets,
+shippers, queues, then tailers and the watcher: downstream first),
+`main_loop()` (one housekeeping tick: offsets, progress logs), and
+`shutdown()` (reading stops first, then the queues drain within
+`shutdown_timeout`, then the offsets are written one last time). Signal
+handlers only set `should_exit`; a second signal sets `force_exit`, which
+skips the drain but still writes the offsets already acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+
+import aiohttp
+import structlog
+
+from agent.config import AgentConfig, SourceConfig
+from agent.counters import SourceCounters
+from agent.deadletter import DeadLetterFile
+from agent.offsets import OffsetStore, StateFile
+from agent.parser import LineContext, SourceParser
+from agent.queue import DocumentQueue
+from agent.shipper import Shipper, endpoints
+from agent.tailer import TailerSet
+from agent.types import FileId, LineSink, RawLine
+from agent.watcher import Watcher
+
+log = structlog.get_logger("agent.daemon")
+
+TICK_SECONDS = 1.0
+PROGRESS_EVERY = 60.0
+FORGET_AFTER = 24 * 3600.0
+"""Offsets of a file no tailer follows are kept this long, then pruned."""
+ROTATE_WAIT = 5.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.should_exit = asyncio.Event()
+        self.force_exit = False
+        self.started = False
+        self.counters = {s.name: SourceCounters() for s in config.sources}
+        self.offsets = OffsetStore()
+        self.state_file = StateFile(config.state_dir)
+        self.queues: dict[str, DocumentQueue] = {}
+        self.shippers: dict[str, Shipper] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._tailers: TailerSet | None = None
+
+    async def run(self) -> None:
+        with self._capture_signals():
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                try:
+                    await self.startup()
+                    await self.main_loop()
+                finally:
+                    await self.shutdown()
+
+    # -- lifecycle
+
+    async def startup(self) -> None:
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.offsets = OffsetStore(await asyncio.to_thread(self.state_file.load))
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=len(self.queues) + len(cfg.sources) + 4))
+        dead_letter = DeadLetterFile(cfg.state_dir)
+        targets = endpoints(cfg.couchdb)
+        for database in sorted({s.database for s in cfg.sources}):
+            queue = DocumentQueue(cfg.shipping.queue_max_docs, cfg.shipping.queue_max_bytes)
+            shipper = Shipper(database, queue, self._session, targets, cfg.couchdb, cfg.shipping,
+                              self.offsets.acknowledge, dead_letter)
+            self.queues[database] = queue
+            self.shippers[database] = shipper
+            self._spawn(f"shipper:{database}", shipper.run())
+        self._tailers = TailerSet(
+            spawn=self._group_task,
+            sinks={s.name: self._sink(s) for s in cfg.sources},
+            max_line_bytes={s.name: s.max_line_bytes for s in cfg.sources},
+            rotate_wait=ROTATE_WAIT, identified=self._identified, released=self.offsets.detach)
+        watcher = Watcher(cfg.sources, self._tailers.reconcile, self._tailers.hint,
+                          cfg.scan_interval)
+        self._spawn("watcher", watcher.run())
+        self.started = True
+        log.info("agent_started", sources=[s.name for s in cfg.sources],
+                 databases=sorted(self.queues), state_dir=str(cfg.state_dir),
+                 couchdb=[t.url for t in targets], pid=os.getpid())
+
+    async def main_loop(self) -> None:
+        last_progress = time.monotonic()
+        while not self.should_exit.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_SECONDS):
+                    await self.should_exit.wait()
+            await self.on_tick()
+            if time.monotonic() - last_progress >= PROGRESS_EVERY:
+                last_progress = time.monotonic()
+                self._log_progress()
+
+    async def on_tick(self) -> None:
+        """All periodic work: write offsets that moved, forget long-gone files."""
+        self.offsets.prune(time.time() - FORGET_AFTER)
+        if self.offsets.dirty:
+            await asyncio.to_thread(self.state_file.save, self.offsets.snapshot())
+
+    async def shutdown(self) -> None:
+        log.info("agent_stopping", force=self.force_exit)
+        self._cancel("watcher")
+        if self._tailers is not None:
+            await self._tailers.stop()
+        if not self.force_exit:
+            await self._drain()
+        for name in [n for n in self._tasks if n.startswith("shipper:")]:
+            self._cancel(name)
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.to_thread(self.state_file.save, self.offsets.snapshot())
+        if self._session is not None:
+            await self._session.close()
+        self._log_progress()
+        log.info("agent_stopped", outstanding=self.offsets.outstanding())
+
+    async def _drain(self) -> None:
+        """Give the shippers up to `shutdown_timeout` to deliver what is queued."""
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while not all(s.idle for s in self.shippers.values()):
+            if self.force_exit or time.monotonic() >= deadline:
+                log.warning("shutdown_deadline", undelivered=self.offsets.outstanding(),
+                            note="undelivered lines are read again at the next start")
+                return
+            await asyncio.sleep(0.05)
+
+    # -- wiring between stages
+
+    def _sink(self, source: SourceConfig) -> LineSink:
+        parser = SourceParser(source, self.config.host, self.counters[source.name])
+        queue = self.queues[source.database]
+        offsets = self.offsets
+
+        async def sink(file_id: FileId, path: str, lines: Sequence[RawLine]) -> None:
+            context = LineContext(file_id, path, datetime.now(UTC).isoformat(timespec="milliseconds"))
+            docs = parser.documents(lines, context)
+            offsets.expect(file_id, [d.end for d in docs], lines[-1].end)
+            await queue.put(docs)
+
+        return sink
+
+    def _identified(self, file_id: FileId, path: str, size: int) -> int:
+        offset = self.offsets.resume_offset(file_id) or 0
+        if offset > size:
+            log.warning("file_shorter_than_offset", path=path, offset=offset, size=size,
+                        action="reading from the start")
+            offset = 0
+        self.offsets.attach(file_id, path, offset)
+        return offset
+
+    # -- tasks and signals
+
+    def _group_task(self, coro: object) -> asyncio.Task[None]:
+        assert self._group is not None
+        return self._group.create_task(coro)  # type: ignore[arg-type]
+
+    def _spawn(self, name: str, coro: object) -> None:
+        self._tasks[name] = self._group_task(coro)
+
+    def _cancel(self, name: str) -> None:
+        task = self._tasks.get(name)
+        if task is not None:
+            task.cancel("agent stopping")
+
+    @contextlib.contextmanager
+    def _capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        handled = (signal.SIGINT, signal.SIGTERM)
+        for sig in handled:
+            loop.add_signal_handler(sig, self.handle_exit, sig)
+        try:
+            yield
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+    def handle_exit(self, sig: int = signal.SIGTERM) -> None:
+        if self.should_exit.is_set():
+            self.force_exit = True
+        self.should_exit.set()
+        log.info("signal_received", signal=signal.Signals(sig).name, force=self.force_exit)
+
+    def _log_progress(self) -> None:
+        for name, counters in self.counters.items():
+            log.info("source_progress", source=name, **counters.as_dict())
+        for database, shipper in self.shippers.items():
+            log.info("shipper_progress", database=database, queued=len(self.queues[database]),
+                     **dataclasses.asdict(shipper.stats))

@@ -1,0 +1,47 @@
+"""The dead-letter file: documents CouchDB refused for good, kept with the reason.
+
+A document lands here when CouchDB rejects it for itself (a per-document
+`forbidden` or `unauthorized`, or a document too large or malformed to be
+accepted alone). The record is fsynced before the document is acknowledged,
+so a refused line is never lost: it moves from the log file to this file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from agent.types import Document
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    doc: Document
+    error: str
+    reason: str
+
+
+class DeadLetterFile:
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "dead-letter.jsonl"
+
+    def append(self, database: str, rejections: Sequence[Rejection]) -> None:
+        """Append one JSON line per rejection and fsync. Blocking."""
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        lines = b"".join(
+            b'{"at":%s,"database":%s,"error":%s,"reason":%s,"doc":%s}\n' % (
+                orjson.dumps(at), orjson.dumps(database), orjson.dumps(r.error),
+                orjson.dumps(r.reason), r.doc.body)
+            for r in rejections
+        )
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, lines)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,89 @@
+"""Line framing without I/O: bytes read at an offset in, `RawLine`s out.
+
+Only complete lines come out of `feed`; a trailing partial line waits for
+its newline (or for `flush` when the file is finished). A CR before the LF
+belongs to the line ending. A line longer than `max_line_bytes` keeps its
+first bytes and is marked truncated; the rest is skipped as it arrives, so
+memory stays bounded by the limit whatever the input.
+"""
+
+from __future__ import annotations
+
+from agent.types import RawLine
+
+
+class LineSplitter:
+    def __init__(self, max_line_bytes: int, offset: int = 0) -> None:
+        if max_line_bytes <= 0:
+            raise ValueError("max_line_bytes must be positive")
+        self.max_line_bytes = max_line_bytes
+        self.position = offset
+        """Offset of the next byte to be fed."""
+        self._tail = b""
+        self._tail_offset = offset
+        self._skipping = False
+        """The buffered line is over the limit: `_tail` holds its kept prefix, the rest is dropped."""
+
+    @property
+    def pending_offset(self) -> int:
+        """Where the first line not yet returned starts: the offset to resume from."""
+        return self._tail_offset
+
+    def feed(self, data: bytes) -> list[RawLine]:
+        """Frame `data`, which continues the file at `self.position`."""
+        start_of_data = self.position
+        self.position += len(data)
+        first_nl = data.find(b"\n")
+        if first_nl < 0:
+            self._extend_tail(data)
+            return []
+        lines: list[RawLine] = []
+        head_end = start_of_data + first_nl + 1
+        if self._skipping:
+            lines.append(RawLine(self._tail_offset, head_end, self._tail, truncated=True))
+            self._skipping = False
+        else:
+            lines.append(self._line(self._tail_offset, head_end, self._tail + data[:first_nl]))
+        parts = data[first_nl + 1:].split(b"\n")
+        last = parts.pop()
+        offset = head_end
+        limit = self.max_line_bytes
+        for part in parts:
+            end = offset + len(part) + 1
+            if len(part) > limit or part.endswith(b"\r"):
+                lines.append(self._line(offset, end, part))
+            else:
+                lines.append(RawLine(offset, end, part))
+            offset = end
+        self._tail = b""
+        self._tail_offset = offset
+        self._extend_tail(last)
+        return lines
+
+    def flush(self) -> RawLine | None:
+        """Return the unterminated last line of a file that will not grow any more."""
+        if self.position == self._tail_offset:
+            return None
+        if self._skipping:
+            line = RawLine(self._tail_offset, self.position, self._tail, truncated=True)
+        else:
+            line = self._line(self._tail_offset, self.position, self._tail)
+        self._tail = b""
+        self._tail_offset = self.position
+        self._skipping = False
+        return line
+
+    def _line(self, offset: int, end: int, data: bytes) -> RawLine:
+        if data.endswith(b"\r"):
+            data = data[:-1]
+        if len(data) > self.max_line_bytes:
+            return RawLine(offset, end, data[: self.max_line_bytes], truncated=True)
+        return RawLine(offset, end, data)
+
+    def _extend_tail(self, data: bytes) -> None:
+        if self._skipping or not data:
+            return
+        self._tail += data
+        if len(self._tail) > self.max_line_bytes:
+            self._tail = self._tail[: self.max_line_bytes]
+            self._skipping = True
