@@ -84,6 +84,7 @@ class LineSplitter:
         if self._skipping or not data:
             return
         self._tail += data
-        if len(self._tail) > self.max_line_bytes:
+        # One byte of slack: a final CR is part of the line ending, not of the line.
+        if len(self._tail) > self.max_line_bytes + 1:
             self._tail = self._tail[: self.max_line_bytes]
             self._skipping = True

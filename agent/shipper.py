@@ -11,13 +11,14 @@ forever, with exponential backoff and jitter, failing over between URLs.
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -39,24 +40,29 @@ class Endpoint:
     """One CouchDB URL, with the credentials split off so they never reach a log line."""
 
     url: str
-    auth: aiohttp.BasicAuth | None
+    headers: dict[str, str]
+
+
+def basic_auth(username: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    return {"Authorization": f"Basic {token}"}
 
 
 def endpoints(config: CouchDBConfig) -> list[Endpoint]:
     result = []
     for raw in config.urls:
         parts = urlsplit(raw)
-        auth = None
+        headers = {}
         if parts.username is not None:
-            auth = aiohttp.BasicAuth(parts.username, parts.password or "")
+            headers = basic_auth(unquote(parts.username), unquote(parts.password or ""))
         elif config.username is not None:
-            auth = aiohttp.BasicAuth(config.username, config.password or "")
+            headers = basic_auth(config.username, config.password or "")
         netloc = parts.hostname or ""
         if ":" in netloc:
             netloc = f"[{netloc}]"
         if parts.port is not None:
             netloc += f":{parts.port}"
-        result.append(Endpoint(urlunsplit((parts.scheme, netloc, parts.path, "", "")), auth))
+        result.append(Endpoint(urlunsplit((parts.scheme, netloc, parts.path, "", "")), headers))
     return result
 
 
@@ -167,8 +173,8 @@ class Shipper:
         self.stats.requests += 1
         try:
             async with self.session.post(
-                target.url + self._path + "/_bulk_docs", data=bulk_body(batch), auth=target.auth,
-                headers={"Content-Type": "application/json"}, timeout=self.timeout,
+                target.url + self._path + "/_bulk_docs", data=bulk_body(batch),
+                headers={**target.headers, "Content-Type": "application/json"}, timeout=self.timeout,
             ) as response:
                 status = response.status
                 payload = await response.read()
@@ -238,7 +244,7 @@ class Shipper:
 
     async def _create_database(self, target: Endpoint) -> None:
         try:
-            async with self.session.put(target.url + self._path, auth=target.auth,
+            async with self.session.put(target.url + self._path, headers=target.headers,
                                         timeout=self.timeout) as response:
                 status, reason = response.status, _reason(await response.read())
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

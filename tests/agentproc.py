@@ -66,7 +66,7 @@ class AgentProcess:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            raise AssertionError(f"agent did not stop within {timeout}s; log:\n{self.log()}")
+            raise AssertionError(f"agent did not stop within {timeout}s; log:\n{self.log()}") from None
 
     def kill(self) -> None:
         assert self.process is not None

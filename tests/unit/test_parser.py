@@ -1,0 +1,125 @@
+"""Each parser (token schema, regex, JSON lines), filters, renaming, counting, and `_id`s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from agent.config import Problem, SourceConfig, source_from_mapping
+from agent.counters import SourceCounters
+from agent.parser import LineContext, SourceParser, document_id
+from agent.types import FileId, RawLine
+
+FILE = FileId(0xFE00, 0x1234, "ab12cd34ef56ab78")
+
+
+def make_parser(**keys: Any) -> tuple[SourceParser, SourceCounters]:
+    problems: list[Problem] = []
+    source = source_from_mapping("test.yaml", {"name": "t", "paths": ["/x"], **keys}, problems)
+    assert not problems, problems
+    assert isinstance(source, SourceConfig)
+    counters = SourceCounters()
+    return SourceParser(source, "host1", counters), counters
+
+
+def parse(parser: SourceParser, text: bytes | str) -> dict[str, Any] | None:
+    data = text.encode() if isinstance(text, str) else text
+    parsed = parser.parse(RawLine(0, len(data) + 1, data))
+    if parsed is None:
+        return None
+    return {**parsed.fields, **({"!error": parsed.error} if parsed.error else {})}
+
+
+def test_schema_with_static_fields() -> None:
+    parser, _ = make_parser(schema=r"$date $hour _ _ _ \[$process\] _ $ip", fields={"machine": "server"})
+    line = "2017-06-14 17:16:12,329 fail2ban.actions        [1112]: NOTICE  [sshd] Ban 59.45.175.88"
+    assert parse(parser, line) == {"date": "2017-06-14", "hour": "17:16:12,329", "process": "sshd",
+                                   "ip": "59.45.175.88", "machine": "server"}
+
+
+def test_regex_accepts_both_named_group_spellings_and_searches() -> None:
+    for pattern in (r"Ban (?P<ip>\S+)", r"Ban (?<ip>\S+)"):
+        parser, _ = make_parser(regex=pattern)
+        assert parse(parser, "x NOTICE Ban 1.2.3.4") == {"ip": "1.2.3.4"}
+
+
+def test_regex_lookbehind_is_not_mistaken_for_a_named_group() -> None:
+    parser, _ = make_parser(regex=r"(?<=Ban )(?<ip>\S+)(?<!x)")
+    assert parse(parser, "Ban 1.2.3.4") == {"ip": "1.2.3.4"}
+
+
+def test_regex_groups_that_did_not_take_part_are_left_out() -> None:
+    parser, _ = make_parser(regex=r"(?P<a>a)?(?P<b>b)")
+    assert parse(parser, "b") == {"b": "b"}
+
+
+def test_json_lines_objects_only() -> None:
+    parser, counters = make_parser(format="json")
+    assert parse(parser, '{"a": 1, "b": {"c": [1, 2]}}') == {"a": 1, "b": {"c": [1, 2]}}
+    assert parse(parser, "[1, 2]") == {"message": "[1, 2]", "!error": "expected a JSON object, got list"}
+    bad = parse(parser, "not json")
+    assert bad is not None and bad["!error"].startswith("invalid JSON")
+    assert (counters.matched, counters.unmatched) == (1, 2)
+
+
+def test_reserved_names_are_renamed_never_sent() -> None:
+    parser, _ = make_parser(format="json")
+    assert parse(parser, '{"_id": "x", "_rev": "1", "agent": "curl", "ok": 1}') == {
+        "x_id": "x", "x_rev": "1", "xagent": "curl", "ok": 1}
+    schema_parser, _ = make_parser(schema="$_id $b")
+    assert parse(schema_parser, "1 2") == {"x_id": "1", "b": "2"}
+
+
+def test_include_all_and_exclude_any() -> None:
+    parser, counters = make_parser(schema="$msg...", include=["NOTICE", "Ban"], exclude=["127\\.0\\.0\\.1"])
+    assert parse(parser, "NOTICE Ban 1.2.3.4") is not None
+    assert parse(parser, "NOTICE Unban 1.2.3.4") is None
+    assert parse(parser, "INFO Ban 1.2.3.4") is None
+    assert parse(parser, "NOTICE Ban 127.0.0.1") is None
+    assert counters.filtered == 3
+
+
+def test_unmatched_lines_are_kept_raw_or_dropped_and_always_counted() -> None:
+    parser, counters = make_parser(schema="$a Ban $ip", fields={"m": "s"})
+    assert parse(parser, "garbage") == {"message": "garbage", "m": "s",
+                                        "!error": "line does not match the schema"}
+    dropper, dropped = make_parser(schema="$a Ban $ip", on_parse_error="drop")
+    assert parse(dropper, "garbage") is None
+    assert (counters.unmatched, dropped.unmatched, dropped.dropped_unmatched) == (1, 1, 1)
+
+
+def test_empty_lines_are_counted_not_shipped() -> None:
+    parser, counters = make_parser(schema="$a")
+    assert parse(parser, "") is None
+    assert parse(parser, "   ") is None
+    assert counters.empty == 2 and counters.lines == 2
+
+
+def test_invalid_utf8_and_nul_bytes_are_kept_and_counted() -> None:
+    parser, counters = make_parser(schema="$month $rest...")
+    assert parse(parser, b"D\xe9c 31 x\x00y") == {"month": "D\ufffdc", "rest": "31 x\x00y"}
+    assert (counters.invalid_utf8, counters.nul_bytes) == (1, 1)
+
+
+def test_document_has_deterministic_sortable_id_and_metadata() -> None:
+    parser, counters = make_parser(schema="$a", metadata_key="meta")
+    context = LineContext(FILE, "/var/log/x.log", "2026-01-01T00:00:00.000+00:00")
+    lines = [RawLine(0, 4, b"abc"), RawLine(4, 5, b""), RawLine(5, 4000, b"long", truncated=True)]
+    docs = parser.documents(lines, context)
+    assert [d.end for d in docs] == [4, 4000]
+    first, second = (orjson.loads(d.body) for d in docs)
+    assert first["_id"] == document_id("t", FILE, 0) == "t:fe00.1234.ab12cd34ef56ab78:000000000000"
+    assert first["meta"] == {"source": "t", "host": "host1", "path": "/var/log/x.log",
+                             "file": str(FILE), "offset": 0, "read_at": context.read_at}
+    assert second["meta"]["truncated"] is True and counters.truncated == 1
+    assert docs[0].doc_id < docs[1].doc_id
+    again = parser.documents(lines, context)
+    assert [d.doc_id for d in again] == [d.doc_id for d in docs]
+
+
+@pytest.mark.parametrize("offsets", [(9, 10), (255, 256), (4095, 65536)])
+def test_ids_sort_like_offsets(offsets: tuple[int, int]) -> None:
+    a, b = (document_id("s", FILE, o) for o in offsets)
+    assert a < b
