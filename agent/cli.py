@@ -61,6 +61,7 @@ def _arguments() -> argparse.ArgumentParser:
 
     check = command("check", "validate the configuration and print one line per source")
     check.add_argument("--keys", action="store_true", help="print every configuration key")
+    check.add_argument("--markdown", action="store_true", help="with --keys: as markdown tables")
     check.set_defaults(handler=_check)
 
     parse = command("parse", "parse lines from files or stdin and print one JSON document "
@@ -106,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     if args.keys:
-        print(config_module.describe_keys())
+        print(config_module.describe_keys(markdown=args.markdown), end="")
         return EXIT_OK
     config = config_module.load(_config_path(args))
     for source in config.sources:

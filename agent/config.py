@@ -218,6 +218,17 @@ class Key:
     default: Any
     help: str
     required: bool = False
+    shown: str | None = None
+    """The default as a person writes it, where `repr` would not be."""
+
+    def default_text(self) -> str:
+        if self.required:
+            return "required"
+        if self.shown is not None:
+            return self.shown
+        if self.default is None or self.default in ((), {}):
+            return "none"
+        return str(self.default)
 
 
 REQUIRED: Any = object()
@@ -235,14 +246,15 @@ MAIN_KEYS: tuple[Key, ...] = (
         "and the dead-letter file"),
     Key("sources_dir", _string, "conf.d", "folder of source files (*.yaml), "
         "relative to the main file's folder"),
-    Key("host", _string, None, "host name put in every document (default: this machine's)"),
+    Key("host", _string, None, "host name put in every document", shown="this machine's name"),
     Key("shipping.batch_max_docs", _positive_int, 1000, "documents per _bulk_docs request"),
-    Key("shipping.batch_max_bytes", _size, 4 * 1024**2, "bytes per _bulk_docs request"),
+    Key("shipping.batch_max_bytes", _size, 4 * 1024**2, "bytes per _bulk_docs request",
+        shown="4MiB"),
     Key("shipping.linger", _duration, 0.2, "seconds a partial batch waits for more documents"),
     Key("shipping.queue_max_docs", _positive_int, 20000, "documents held in memory per "
         "database before reading pauses"),
     Key("shipping.queue_max_bytes", _size, 32 * 1024**2, "bytes held in memory per database "
-        "before reading pauses"),
+        "before reading pauses", shown="32MiB"),
     Key("shipping.retry_max_backoff", _duration, 30.0, "longest wait between retries"),
     Key("log.level", _choice("debug", "info", "warning", "error"), "info", "agent log level"),
     Key("log.format", _choice("auto", "json", "console"), "auto",
@@ -254,7 +266,7 @@ MAIN_KEYS: tuple[Key, ...] = (
 
 SOURCE_KEYS: tuple[Key, ...] = (
     Key("name", _string, REQUIRED, "source name, [a-z][a-z0-9_-]*", required=True),
-    Key("database", _string, None, "database the documents go to (default log_<name>)"),
+    Key("database", _string, None, "database the documents go to", shown="log_<name>"),
     Key("paths", _string_list, REQUIRED, "globs of files to follow (** matches folders)",
         required=True),
     Key("include", _regex_list, (), "keep a line only if it matches every one of these regexes"),
@@ -267,7 +279,8 @@ SOURCE_KEYS: tuple[Key, ...] = (
         "a line that does not parse is shipped raw with a parse_error marker, or dropped "
         "(and counted)"),
     Key("metadata_key", _string, "agent", "top-level key that holds the agent's metadata"),
-    Key("max_line_bytes", _size, 1024**2, "longer lines are truncated, marked and counted"),
+    Key("max_line_bytes", _size, 1024**2, "longer lines are truncated, marked and counted",
+        shown="1MiB"),
 )
 
 
@@ -389,7 +402,7 @@ def _couchdb(main: _Reader, base: Path) -> CouchDBConfig:
         except (OSError, UnicodeDecodeError, IndexError) as exc:
             reason = "it is empty" if isinstance(exc, IndexError) else str(exc)
             main.problem("couchdb.password_file", f"cannot read the password: {reason}")
-    if (password is None) != (main["couchdb.username"] is None):
+    if password_file is None and (password is None) != (main["couchdb.username"] is None):
         missing = "couchdb.password" if password is None else "couchdb.username"
         main.problem(missing, "couchdb.username and a password go together; set both or neither")
     return CouchDBConfig(urls=main["couchdb.url"] or (), username=main["couchdb.username"],
@@ -479,14 +492,20 @@ def compile_regex(text: str) -> re.Pattern[str]:
     return pattern
 
 
-def describe_keys() -> str:
-    """The key reference, as `agent check --keys` prints it."""
+def _code(text: str) -> str:
+    return text if text in ("required", "none") or " " in text else f"`{text}`"
+
+
+def describe_keys(markdown: bool = False) -> str:
+    """The key reference: `agent check --keys` prints it, README.md embeds the markdown form."""
     lines = []
     for title, keys in (("main file (agent.yaml)", MAIN_KEYS),
                         ("source files (conf.d/*.yaml)", SOURCE_KEYS)):
-        lines.append(f"# {title}")
-        for key in keys:
-            default = "required" if key.default is REQUIRED else f"default {key.default!r}"
-            lines.append(f"{key.path:28} {key.help} ({default})")
+        if markdown:
+            lines += [f"**{title}**", "", "| key | default | meaning |", "| --- | --- | --- |"]
+            lines += [f"| `{k.path}` | {_code(k.default_text())} | {k.help} |" for k in keys]
+        else:
+            lines.append(f"# {title}")
+            lines += [f"{k.path:26} {k.help} ({k.default_text()})" for k in keys]
         lines.append("")
     return "\n".join(lines)

@@ -14,31 +14,12 @@ from typing import Any
 
 import pytest
 
+from bench import fail2ban_log
+from bench.fail2ban_log import SEED_SCHEMA
 from tests.agentproc import AgentProcess, wait_for, write_config
 from tests.couch import CouchDB
 
 pytestmark = pytest.mark.integration
-
-SEED_SCHEMA = r"$date $hour _ _ _ \[$process\] _ $ip"
-JAILS = ["sshd", "recidive", "nginx-http-auth", "postfix"]
-
-
-def fail2ban_line(rng: random.Random, index: int) -> str:
-    """One line in fail2ban's padded layout; about a third are filtered out by the source."""
-    stamp = f"2017-06-{14 + index // 80000:02d} {index // 3600 % 24:02d}:{index // 60 % 60:02d}:" \
-            f"{index % 60:02d},{index % 1000:03d}"
-    ip = f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
-    jail = rng.choice(JAILS)
-    kind = rng.random()
-    if kind < 0.55:
-        return f"{stamp} fail2ban.actions        [1112]: NOTICE  [{jail}] Ban {ip}"
-    if kind < 0.65:
-        # Passes the filter but not the schema: shipped raw with a parse_error marker.
-        return f"{stamp} fail2ban.actions[1112]: NOTICE [{jail}] Ban {ip}"
-    if kind < 0.85:
-        return f"{stamp} fail2ban.filter         [1112]: INFO    [{jail}] Found {ip}"
-    return f"{stamp} fail2ban.actions        [1112]: NOTICE  [{jail}] Unban {ip}"
-
 
 def expected_docs(path: Path) -> Counter[tuple[Any, ...]]:
     """What the database must hold for `path`: one entry per line kept by include [NOTICE, Ban]."""
@@ -81,7 +62,7 @@ def write_lines(path: Path, rng: random.Random, start: int, count: int,
     """Append lines the way a logger does; now and then a line arrives in two writes."""
     with path.open("ab", buffering=0) as log:
         for index in range(start, start + count):
-            line = (fail2ban_line(rng, index) + "\n").encode()
+            line = (fail2ban_log.line(rng, index) + "\n").encode()
             if index % 17 == 0:
                 log.write(line[:20])
                 time.sleep(0.002)

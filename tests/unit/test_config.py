@@ -152,3 +152,21 @@ def test_check_keys_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for key in config.MAIN_KEYS + config.SOURCE_KEYS:
         assert key.path in out
+
+
+def test_shipped_examples_are_valid(tmp_path: Path) -> None:
+    examples = Path(__file__).resolve().parents[2] / "config"
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "password").write_text("pw\n")
+    main_text = (examples / "agent.yaml").read_text().replace("/etc/couchlog/password", "password")
+    (tmp_path / "agent.yaml").write_text(main_text)
+    for source in (examples / "conf.d").iterdir():
+        (tmp_path / "conf.d" / source.name.removesuffix(".example")).write_text(source.read_text())
+    cfg = config.load(tmp_path / "agent.yaml")
+    assert sorted(s.name for s in cfg.sources) == ["auth", "fail2ban"]
+    assert cfg.couchdb.password == "pw"
+
+
+def test_readme_has_the_current_key_reference() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert config.describe_keys(markdown=True) in readme, "run: agent check --keys --markdown"
