@@ -26,7 +26,8 @@ from bench.fail2ban_log import SEED_SCHEMA, lines  # noqa: E402
 AWK = r"""/NOTICE/ && /Ban/ {
   if ($3 == "fail2ban.actions" && $6 ~ /^\[.*\]$/) {
     p = substr($6, 2, length($6) - 2)
-    printf "{\"date\":\"%s\",\"hour\":\"%s\",\"process\":\"%s\",\"ip\":\"%s\",\"machine\":\"server\"}\n", $1, $2, p, $8
+    printf "{\"date\":\"%s\",\"hour\":\"%s\",\"process\":\"%s\",", $1, $2, p
+    printf "\"ip\":\"%s\",\"machine\":\"server\"}\n", $8
   } else { printf "{\"message\":\"%s\",\"machine\":\"server\"}\n", $0 }
 }"""
 

@@ -122,7 +122,7 @@ def report(server: PouchDBServer) -> None:
     for row in total:
         print(f"  bans on {row['key'][0]}: {row['value']}")
     for row in days:
-        machine, year, month, day = row["key"]
+        _, year, month, day = row["key"]
         print(f"    {year}-{month:02d}-{day:02d}: {row['value']}")
     print("  bans per jail:")
     for row in sorted(jails, key=lambda r: -r["value"]):
