@@ -154,7 +154,7 @@ def _parse(args: argparse.Namespace) -> int:
     print(f"agent parse: {c.lines} lines read, {kept} kept, {c.filtered + c.empty} filtered "
           f"({c.empty} empty), {c.unmatched} not matched"
           f"{' (dropped)' if source.on_parse_error == 'drop' else ' (kept raw)'}, "
-          f"{c.invalid_utf8} invalid UTF-8, {c.truncated} truncated", file=sys.stderr)
+          f"{c.invalid_encoding} invalid UTF-8, {c.truncated} truncated", file=sys.stderr)
     return status
 
 

@@ -8,6 +8,7 @@ raises one `ConfigError`, which the CLI turns into exit code 2.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import re
 import socket
@@ -28,6 +29,9 @@ _NAMED_GROUP_PCRE = re.compile(r"(?<!\\)((?:\\\\)*)\(\?<(?=[A-Za-z_])")
 
 Format = Literal["schema", "regex", "json"]
 OnParseError = Literal["ship", "drop"]
+StartAt = Literal["beginning", "end"]
+WatchMode = Literal["auto", "inotify", "poll"]
+WIDE_ENCODINGS = frozenset({"utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"})
 LogFormat = Literal["auto", "json", "console"]
 
 
@@ -86,6 +90,21 @@ class SourceConfig:
     on_parse_error: OnParseError
     metadata_key: str
     max_line_bytes: int
+    exclude_paths: tuple[str, ...] = ()
+    start_at: StartAt = "beginning"
+    watch: WatchMode = "auto"
+    rotate_wait: float = 5.0
+    encoding: str = "utf-8"
+    multiline: MultilineConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MultilineConfig:
+    """A line matching `start` opens an event; other lines join the current one."""
+
+    start: re.Pattern[str]
+    timeout: float
+    max_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +119,8 @@ class AgentConfig:
     log_format: LogFormat
     shutdown_timeout: float
     scan_interval: float
+    poll_interval: float = 1.0
+    on_corrupt_state: StartAt = "beginning"
     sources: tuple[SourceConfig, ...] = field(default=())
 
 
@@ -169,6 +190,29 @@ def _regex_list(value: Any) -> tuple[re.Pattern[str], ...]:
         except re.error as exc:
             raise ValueError(f"item {index}: invalid regular expression {text!r}: {exc}") from None
     return tuple(patterns)
+
+
+def _regex(value: Any) -> re.Pattern[str]:
+    text = _string(value)
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {text!r}: {exc}") from None
+
+
+def _encoding(value: Any) -> str:
+    name = _string(value).lower()
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        raise ValueError(f"unknown encoding {name!r}; use a Python codec name such as utf-8, "
+                         "latin-1 or utf-16le") from None
+    if info.name in ("utf-16", "utf-32"):
+        raise ValueError(f"say which byte order: {info.name}le or {info.name}be")
+    if info.name in WIDE_ENCODINGS or "\n".encode(info.name) == b"\n":
+        return info.name
+    raise ValueError(f"encoding {name!r} is not supported: it must be ASCII-compatible "
+                     "(utf-8, latin-1, cp1252, ...) or UTF-16/32 with a byte order")
 
 
 def _string_map(value: Any) -> dict[str, str]:
@@ -262,6 +306,12 @@ MAIN_KEYS: tuple[Key, ...] = (
     Key("shutdown_timeout", _duration, 10.0, "seconds to deliver queued documents on stop"),
     Key("scan_interval", _duration, 10.0, "seconds between rescans of the path globs "
         "(a safety net for missed inotify events)"),
+    Key("poll_interval", _duration, 1.0, "seconds between checks of files followed by polling "
+        "(watch: poll, or when inotify is unavailable)"),
+    Key("on_corrupt_state", _choice("beginning", "end"), "beginning",
+        "where to start in files already there when the state file is unreadable (it is moved "
+        "aside): beginning re-sends what CouchDB has (answered conflict), end skips what was "
+        "written while the agent was down"),
 )
 
 SOURCE_KEYS: tuple[Key, ...] = (
@@ -281,6 +331,24 @@ SOURCE_KEYS: tuple[Key, ...] = (
     Key("metadata_key", _string, "agent", "top-level key that holds the agent's metadata"),
     Key("max_line_bytes", _size, 1024**2, "longer lines are truncated, marked and counted",
         shown="1MiB"),
+    Key("exclude_paths", _string_list, (), "globs of files not to follow even if `paths` "
+        "matches them (e.g. '*.gz')"),
+    Key("start_at", _choice("beginning", "end"), "beginning", "where to start in files that "
+        "already exist when the agent first starts (no state yet); new files always start at "
+        "their beginning"),
+    Key("watch", _choice("auto", "inotify", "poll"), "auto", "how to notice changes: inotify, "
+        "poll (for NFS and other filesystems without inotify), or auto (inotify, falling back "
+        "to polling when watches cannot be had)"),
+    Key("rotate_wait", _duration, 5.0, "seconds a file renamed or deleted out of `paths` is "
+        "still read after it stops growing"),
+    Key("encoding", _encoding, "utf-8", "the files' character encoding (e.g. latin-1, "
+        "utf-16le); invalid bytes become U+FFFD and are counted"),
+    Key("multiline.start", _regex, None, "regex that starts a new event; other lines are "
+        "appended to the current event with \\n (e.g. '^\\[\\d{4}-')"),
+    Key("multiline.timeout", _duration, 1.0, "seconds after which the last event is shipped "
+        "if no line follows"),
+    Key("multiline.max_bytes", _size, 1024**2, "longer events are truncated, marked and "
+        "counted", shown="1MiB"),
 )
 
 
@@ -386,6 +454,8 @@ def load(path: Path) -> AgentConfig:
         log_format=main["log.format"],
         shutdown_timeout=main["shutdown_timeout"],
         scan_interval=main["scan_interval"],
+        poll_interval=main["poll_interval"],
+        on_corrupt_state=main["on_corrupt_state"],
         sources=sources,
     )
 
@@ -451,8 +521,14 @@ def source_from_mapping(file: Path | str, data: Mapping[str, Any], problems: lis
     for key in src["fields"]:
         if key.startswith("_"):
             src.problem(f"fields.{key}", "field names starting with '_' are reserved by CouchDB")
-    paths = tuple(p if base is None or Path(p).is_absolute() else str(base / p)
-                  for p in (src["paths"] or ()))
+    paths = _absolute(src["paths"] or (), base)
+    multiline = None
+    if src["multiline.start"] is None and any(
+            k.startswith("multiline.") for k in _flatten(data, set())):
+        src.problem("multiline.start", "missing; the other multiline keys need it")
+    if src["multiline.start"] is not None:
+        multiline = MultilineConfig(src["multiline.start"], src["multiline.timeout"],
+                                    src["multiline.max_bytes"])
     if len(problems) > before:
         return None
     return SourceConfig(
@@ -460,7 +536,17 @@ def source_from_mapping(file: Path | str, data: Mapping[str, Any], problems: lis
         include=src["include"], exclude=src["exclude"], format=fmt, pattern=pattern,
         fields=src["fields"], on_parse_error=src["on_parse_error"],
         metadata_key=src["metadata_key"], max_line_bytes=src["max_line_bytes"],
+        exclude_paths=_absolute(src["exclude_paths"], base, keep_relative=True),
+        start_at=src["start_at"], watch=src["watch"], rotate_wait=src["rotate_wait"],
+        encoding=src["encoding"], multiline=multiline,
     )
+
+
+def _absolute(globs: Sequence[str], base: Path | None, keep_relative: bool = False) -> tuple[str, ...]:
+    """Globs relative to the source file's folder; an exclude glob without a folder ('*.gz')
+    applies in every folder, so it stays as it is."""
+    return tuple(g if base is None or Path(g).is_absolute() or (keep_relative and "/" not in g)
+                 else str(base / g) for g in globs)
 
 
 def _parser_choice(src: _Reader) -> tuple[Format, re.Pattern[str] | None]:

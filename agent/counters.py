@@ -16,7 +16,7 @@ class SourceCounters:
     filtered: int = 0
     empty: int = 0
     dropped_unmatched: int = 0
-    invalid_utf8: int = 0
+    invalid_encoding: int = 0
     nul_bytes: int = 0
     truncated: int = 0
     delivered: int = 0

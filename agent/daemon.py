@@ -31,7 +31,7 @@ from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
 from agent.shipper import Shipper, endpoints
 from agent.tailer import TailerSet
-from agent.types import FileId, LineSink, RawLine
+from agent.types import LineSink, RawLine, SourceFile
 from agent.watcher import Watcher
 
 log = structlog.get_logger("agent.daemon")
@@ -40,7 +40,6 @@ TICK_SECONDS = 1.0
 PROGRESS_EVERY = 60.0
 FORGET_AFTER = 24 * 3600.0
 """Offsets of a file no tailer follows are kept this long, then pruned."""
-ROTATE_WAIT = 5.0
 
 
 class Agent:
@@ -74,7 +73,9 @@ class Agent:
     async def startup(self) -> None:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.offsets = OffsetStore(await asyncio.to_thread(self.state_file.load))
+        entries, status = await asyncio.to_thread(self.state_file.load)
+        self.offsets = OffsetStore(entries)
+        first_start = status == "absent" or (status == "corrupt" and cfg.on_corrupt_state == "end")
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=len(self.queues) + len(cfg.sources) + 4))
         dead_letter = DeadLetterFile(cfg.state_dir)
@@ -86,16 +87,14 @@ class Agent:
             self.queues[database] = queue
             self.shippers[database] = shipper
             self._spawn(f"shipper:{database}", shipper.run())
-        self._tailers = TailerSet(
-            spawn=self._group_task,
-            sinks={s.name: self._sink(s) for s in cfg.sources},
-            max_line_bytes={s.name: s.max_line_bytes for s in cfg.sources},
-            rotate_wait=ROTATE_WAIT, identified=self._identified, released=self.offsets.detach)
-        watcher = Watcher(cfg.sources, self._tailers.reconcile, self._tailers.hint,
-                          cfg.scan_interval)
+        self._tailers = TailerSet(self._group_task, cfg.sources,
+                                  {s.name: self._sink(s) for s in cfg.sources}, self.offsets,
+                                  first_start)
+        watcher = Watcher(cfg.sources, self._tailers, cfg.scan_interval, cfg.poll_interval)
         self._spawn("watcher", watcher.run())
         self.started = True
-        log.info("agent_started", sources=[s.name for s in cfg.sources],
+        log.info("agent_started", sources=[s.name for s in cfg.sources], watch=watcher.mode,
+                 state=status,
                  databases=sorted(self.queues), state_dir=str(cfg.state_dir),
                  couchdb=[t.url for t in targets], pid=os.getpid())
 
@@ -149,22 +148,13 @@ class Agent:
         queue = self.queues[source.database]
         offsets = self.offsets
 
-        async def sink(file_id: FileId, path: str, lines: Sequence[RawLine]) -> None:
-            context = LineContext(file_id, path, datetime.now(UTC).isoformat(timespec="milliseconds"))
-            docs = parser.documents(lines, context)
-            offsets.expect(file_id, [d.end for d in docs], lines[-1].end)
+        async def sink(file: SourceFile, path: str, lines: Sequence[RawLine], end_marker: str) -> None:
+            read_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+            docs = parser.documents(lines, LineContext(file, path, read_at))
+            offsets.expect(file, [d.end for d in docs], lines[-1].end, end_marker)
             await queue.put(docs)
 
         return sink
-
-    def _identified(self, file_id: FileId, path: str, size: int) -> int:
-        offset = self.offsets.resume_offset(file_id) or 0
-        if offset > size:
-            log.warning("file_shorter_than_offset", path=path, offset=offset, size=size,
-                        action="reading from the start")
-            offset = 0
-        self.offsets.attach(file_id, path, offset)
-        return offset
 
     # -- tasks and signals
 

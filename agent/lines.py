@@ -88,3 +88,75 @@ class LineSplitter:
         if len(self._tail) > self.max_line_bytes + 1:
             self._tail = self._tail[: self.max_line_bytes]
             self._skipping = True
+
+
+class WideLineSplitter:
+    """`LineSplitter` for UTF-16 and UTF-32: the newline is a whole code unit, found only at
+    file offsets aligned to the unit size (so U+0A00's bytes are never taken for a newline)."""
+
+    def __init__(self, encoding: str, max_line_bytes: int, offset: int = 0) -> None:
+        self.unit = 4 if encoding.startswith("utf-32") else 2
+        self.newline = "\n".encode(encoding)
+        self.cr = "\r".encode(encoding)
+        self.max_line_bytes = max(self.unit, max_line_bytes - max_line_bytes % self.unit)
+        self.position = offset
+        self._buffer = b""
+        self._buffer_offset = offset
+        self._line_start = offset
+        self._kept: bytes | None = None
+        """The prefix of an over-long line whose rest is being skipped."""
+
+    @property
+    def pending_offset(self) -> int:
+        return self._line_start
+
+    def feed(self, data: bytes) -> list[RawLine]:
+        self.position += len(data)
+        buffer = self._buffer + data
+        lines: list[RawLine] = []
+        start = search = 0
+        while (found := buffer.find(self.newline, search)) >= 0:
+            if (self._buffer_offset + found) % self.unit:
+                search = found + 1
+                continue
+            end = found + len(self.newline)
+            lines.append(self._line(self._buffer_offset + end, buffer[start:found]))
+            start = search = end
+        rest = buffer[start:]
+        offset = self._buffer_offset + start
+        if self._kept is None and len(rest) > self.max_line_bytes + len(self.cr):
+            self._kept = rest[: self.max_line_bytes]
+        if self._kept is not None:
+            # Skip what cannot be part of a newline yet; stay aligned to the code unit.
+            drop = max(0, len(rest) - len(self.newline)) // self.unit * self.unit
+            rest, offset = rest[drop:], offset + drop
+        self._buffer, self._buffer_offset = rest, offset
+        return lines
+
+    def flush(self) -> RawLine | None:
+        if self.position == self._line_start:
+            return None
+        line = self._line(self.position, self._buffer)
+        self._buffer, self._buffer_offset = b"", self.position
+        return line
+
+    def _line(self, end: int, data: bytes) -> RawLine:
+        offset, self._line_start = self._line_start, end
+        if self._kept is not None:
+            kept, self._kept = self._kept, None
+            return RawLine(offset, end, kept, truncated=True)
+        if data.endswith(self.cr) and len(data) % self.unit == 0:
+            data = data[: -len(self.cr)]
+        if len(data) > self.max_line_bytes:
+            return RawLine(offset, end, data[: self.max_line_bytes], truncated=True)
+        return RawLine(offset, end, data)
+
+
+Splitter = LineSplitter | WideLineSplitter
+
+
+def splitter_for(encoding: str, max_line_bytes: int, offset: int = 0) -> Splitter:
+    """The line splitter for files in `encoding` (a normalized Python codec name)."""
+    if encoding.startswith(("utf-16", "utf-32")):
+        return WideLineSplitter(encoding, max_line_bytes, offset)
+    return LineSplitter(max_line_bytes, offset)

@@ -9,8 +9,9 @@ acknowledged as soon as they are read.
 
 `StateFile` persists the committed offsets: temp file, fsync, rename, fsync
 of the folder. A state file that cannot be read is moved aside and
-reported; the agent then starts from the beginning of each file, which
-re-sends documents CouchDB already has and answers with `conflict`.
+reported; the agent then starts where `on_corrupt_state` says: from the
+beginning of each file by default, which re-sends documents CouchDB already
+has and answers with `conflict`.
 """
 
 from __future__ import annotations
@@ -22,56 +23,92 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import structlog
 
-from agent.types import Ack, FileId
+from agent.types import Ack, SourceFile
 
 STATE_VERSION = 1
+StateStatus = Literal["ok", "absent", "corrupt"]
 log = structlog.get_logger("agent.offsets")
 
 
 @dataclass(slots=True)
 class FileProgress:
-    """One file's committed offset and its documents still waiting for an ack."""
+    """One file's committed offset and its documents still waiting for an ack.
+
+    `marker` is the hash of the bytes before `marker_offset` (<= `committed`):
+    the latest read position whose bytes the tailer reported and whose lines
+    are all acknowledged.
+    """
 
     path: str
     committed: int
     updated: float
+    marker_offset: int = 0
+    marker: str | None = None
     pending: deque[int] = field(default_factory=deque)
     acked: set[int] = field(default_factory=set)
+    marks: deque[tuple[int, str]] = field(default_factory=deque)
     live: bool = False
 
 
 class OffsetStore:
-    def __init__(self, entries: dict[FileId, FileProgress] | None = None) -> None:
-        self.files: dict[FileId, FileProgress] = entries or {}
+    """Committed offsets per `SourceFile`, and the rule that moves them."""
+
+    def __init__(self, entries: dict[SourceFile, FileProgress] | None = None) -> None:
+        self.files: dict[SourceFile, FileProgress] = entries or {}
         self.dirty = False
 
-    def resume_offset(self, file_id: FileId) -> int | None:
-        """Where to resume reading `file_id`, or None if it was never read."""
-        progress = self.files.get(file_id)
-        return None if progress is None else progress.committed
+    def get(self, file: SourceFile) -> FileProgress | None:
+        return self.files.get(file)
 
-    def attach(self, file_id: FileId, path: str, offset: int) -> None:
-        """A tailer starts reading `file_id` at `offset` (its committed offset, or 0 for a new file)."""
-        progress = self.files.get(file_id)
-        if progress is None or progress.committed != offset:
+    def latest(self, file: SourceFile) -> SourceFile | None:
+        """The newest generation known of the same file (same inode and first line)."""
+        known = [f for f in self.files
+                 if f.source == file.source and f.file_id.same_file(file.file_id)]
+        return max(known, key=lambda f: f.file_id.generation) if known else None
+
+    def copies_of(self, file: SourceFile) -> list[SourceFile]:
+        """Known files with the same first line on the same device but another inode: what a
+        copy of a file (copy-truncate, or a move across folders) would be a copy of."""
+        fid = file.file_id
+        return [f for f in self.files
+                if f.source == file.source and f.file_id.dev == fid.dev
+                and f.file_id.fingerprint == fid.fingerprint and f.file_id.ino != fid.ino]
+
+    def attach(self, file: SourceFile, path: str, offset: int, marker: str | None) -> None:
+        """A tailer starts reading `file` at `offset`, whose marker it has checked."""
+        progress = self.files.get(file)
+        if progress is None or progress.committed != offset or progress.path != path:
             self.dirty = True
-        self.files[file_id] = FileProgress(path, offset, time.time(), live=True)
+        new = FileProgress(path, offset, time.time(), offset, marker, live=True)
+        if progress is not None:
+            # Acks still in flight from an earlier reader of these bytes (a copy's original)
+            # count: the same offset in the same file id is the same document.
+            new.acked = progress.acked
+        self.files[file] = new
+        for older in [f for f in self.files if f.source == file.source
+                      and f.file_id.same_file(file.file_id)
+                      and f.file_id.generation < file.file_id.generation]:
+            del self.files[older]
 
-    def detach(self, file_id: FileId) -> None:
+    def detach(self, file: SourceFile) -> None:
         """The tailer let go of the file; its entry stays until `prune`."""
-        progress = self.files.get(file_id)
+        progress = self.files.get(file)
         if progress is not None:
             progress.live = False
+            progress.updated = time.time()
 
-    def expect(self, file_id: FileId, doc_ends: Sequence[int], read_to: int) -> None:
-        """Documents ending at `doc_ends` were queued; every line up to `read_to` was read."""
-        progress = self.files[file_id]
+    def expect(self, file: SourceFile, doc_ends: Sequence[int], read_to: int,
+               read_to_marker: str) -> None:
+        """Documents ending at `doc_ends` were queued; every line up to `read_to` was read,
+        and the bytes before it hash to `read_to_marker`."""
+        progress = self.files[file]
         progress.pending.extend(doc_ends)
+        progress.marks.append((read_to, read_to_marker))
         last = progress.pending[-1] if progress.pending else progress.committed
         if read_to > last:
             progress.pending.append(read_to)
@@ -81,7 +118,7 @@ class OffsetStore:
     def acknowledge(self, acks: Iterable[Ack]) -> None:
         touched = []
         for ack in acks:
-            progress = self.files.get(ack.file_id)
+            progress = self.files.get(ack.file)
             if progress is not None:
                 progress.acked.add(ack.end)
                 touched.append(progress)
@@ -90,13 +127,13 @@ class OffsetStore:
 
     def outstanding(self) -> int:
         """Documents queued but not yet acknowledged, over all files."""
-        return sum(len(p.pending) - len(p.acked) for p in self.files.values())
+        return sum(sum(1 for end in p.pending if end not in p.acked) for p in self.files.values())
 
-    def prune(self, older_than: float) -> list[FileId]:
-        """Forget files no tailer follows that have not been seen since `older_than`."""
-        gone = [fid for fid, p in self.files.items() if not p.live and p.updated < older_than]
-        for fid in gone:
-            del self.files[fid]
+    def prune(self, older_than: float) -> list[SourceFile]:
+        """Forget files no tailer follows that were let go of before `older_than`."""
+        gone = [f for f, p in self.files.items() if not p.live and p.updated < older_than]
+        for f in gone:
+            del self.files[f]
         if gone:
             self.dirty = True
         return gone
@@ -110,6 +147,9 @@ class OffsetStore:
             progress.committed = end
             moved = True
         if moved:
+            marks = progress.marks
+            while marks and marks[0][0] <= progress.committed:
+                progress.marker_offset, progress.marker = marks.popleft()
             progress.updated = time.time()
             self.dirty = True
 
@@ -119,8 +159,9 @@ class OffsetStore:
         return {
             "version": STATE_VERSION,
             "files": {
-                str(fid): {"path": p.path, "offset": p.committed, "updated": round(p.updated, 3)}
-                for fid, p in self.files.items()
+                str(f): {"path": p.path, "offset": p.committed, "updated": round(p.updated, 3),
+                         "marker_offset": p.marker_offset, "marker": p.marker}
+                for f, p in self.files.items()
             },
         }
 
@@ -132,27 +173,29 @@ class StateFile:
         self.path = state_dir / "offsets.json"
         self._tmp = state_dir / "offsets.json.tmp"
 
-    def load(self) -> dict[FileId, FileProgress]:
-        """Read the committed offsets; a damaged file is moved aside and reported, never fatal."""
+    def load(self) -> tuple[dict[SourceFile, FileProgress], StateStatus]:
+        """Read the committed offsets; a damaged file is moved aside and reported, never fatal.
+
+        The status tells a first start ("absent") and a lost state ("corrupt") from "ok".
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp_entries = self._read(self._tmp, quiet=True)
         if tmp_entries is not None:
             # A complete temp file means a write was fsynced but not yet renamed: it is newer.
             os.replace(self._tmp, self.path)
-            return tmp_entries
+            return tmp_entries, "ok"
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
         if not self.path.exists():
-            return {}
+            return {}, "absent"
         entries = self._read(self.path, quiet=False)
         if entries is None:
             aside = self.path.with_name(f"offsets.json.corrupt-{int(time.time())}")
             os.replace(self.path, aside)
             log.error("state_file_corrupt", path=str(self.path), moved_to=str(aside),
-                      action="reading every file from its start; CouchDB answers documents "
-                      "it already has with conflict, so nothing is doubled")
-            return {}
-        return entries
+                      action="starting without saved offsets (on_corrupt_state says where)")
+            return {}, "corrupt"
+        return entries, "ok"
 
     def save(self, snapshot: dict[str, Any]) -> None:
         """Write `snapshot` durably: temp file, fsync, rename, fsync of the folder. Blocking."""
@@ -170,19 +213,26 @@ class StateFile:
         finally:
             os.close(dir_fd)
 
-    def _read(self, path: Path, quiet: bool) -> dict[FileId, FileProgress] | None:
+    def _read(self, path: Path, quiet: bool) -> dict[SourceFile, FileProgress] | None:
         try:
             raw = orjson.loads(path.read_bytes())
             if raw.get("version") != STATE_VERSION:
                 raise ValueError(f"unknown state version {raw.get('version')!r}")
-            return {
-                FileId.parse(key): FileProgress(str(e["path"]), int(e["offset"]),
-                                                float(e["updated"]))
-                for key, e in raw["files"].items()
-            }
+            return {SourceFile.parse(key): _progress(e) for key, e in raw["files"].items()}
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             if not quiet:
                 log.error("state_file_unreadable", path=str(path), error=str(exc))
             return None
+
+
+def _progress(entry: dict[str, Any]) -> FileProgress:
+    marker = entry["marker"]
+    if marker is not None and not isinstance(marker, str):
+        raise ValueError(f"invalid marker {marker!r}")
+    progress = FileProgress(str(entry["path"]), int(entry["offset"]), float(entry["updated"]),
+                            int(entry["marker_offset"]), marker)
+    if not 0 <= progress.marker_offset <= progress.committed:
+        raise ValueError(f"invalid offsets {progress.marker_offset}/{progress.committed}")
+    return progress

@@ -18,7 +18,7 @@ import orjson
 
 from agent.config import SourceConfig
 from agent.counters import SourceCounters
-from agent.types import Document, FileId, RawLine
+from agent.types import Document, FileId, RawLine, SourceFile
 
 RENAME_PREFIX = "x"
 """Prefix given to a field whose name CouchDB reserves (`_id` → `x_id`) or that
@@ -43,7 +43,7 @@ class Parsed:
 class LineContext:
     """What the parser needs to know about where a batch of lines came from."""
 
-    file_id: FileId
+    file: SourceFile
     path: str
     read_at: str
 
@@ -59,6 +59,7 @@ class SourceParser:
         self._exclude = source.exclude
         self._static = dict(source.fields)
         self._meta_key = source.metadata_key
+        self._encoding = source.encoding
         self._extract = _extractor(source)
 
     def parse(self, line: RawLine) -> Parsed | None:
@@ -66,6 +67,8 @@ class SourceParser:
         counters = self.counters
         counters.lines += 1
         text = self._decode(line.data)
+        if line.offset == 0 and text.startswith("\ufeff"):
+            text = text[1:]
         if not text.strip():
             counters.empty += 1
             return None
@@ -99,12 +102,12 @@ class SourceParser:
         return docs
 
     def document(self, line: RawLine, parsed: Parsed, context: LineContext) -> Document:
-        doc_id = document_id(self.source.name, context.file_id, line.offset)
+        doc_id = document_id(self.source.name, context.file.file_id, line.offset)
         meta: dict[str, Any] = {
             "source": self.source.name,
             "host": self.host,
             "path": context.path,
-            "file": str(context.file_id),
+            "file": str(context.file.file_id),
             "offset": line.offset,
             "read_at": context.read_at,
         }
@@ -113,16 +116,17 @@ class SourceParser:
         if line.truncated:
             meta["truncated"] = True
         body = {"_id": doc_id, **parsed.fields, self._meta_key: meta}
-        return Document(doc_id, orjson.dumps(body), context.file_id, line.end)
+        return Document(doc_id, orjson.dumps(body), context.file, line.end)
 
     def _decode(self, data: bytes) -> str:
-        if b"\x00" in data:
-            self.counters.nul_bytes += 1
         try:
-            return data.decode("utf-8")
+            text = data.decode(self._encoding)
         except UnicodeDecodeError:
-            self.counters.invalid_utf8 += 1
-            return data.decode("utf-8", errors="replace")
+            self.counters.invalid_encoding += 1
+            text = data.decode(self._encoding, errors="replace")
+        if "\x00" in text:
+            self.counters.nul_bytes += 1
+        return text
 
     def _clean(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Rename the field names CouchDB reserves, and the metadata key."""

@@ -209,7 +209,7 @@ class Shipper:
         if outcome.rejected:
             await self._dead_letter(outcome.rejected)
         done = outcome.stored + outcome.conflicts + [r.doc for r in outcome.rejected]
-        self.acknowledge([Ack(d.file_id, d.end) for d in done])
+        self.acknowledge([Ack(d.file, d.end) for d in done])
         self.stats.stored += len(outcome.stored)
         self.stats.conflicts += len(outcome.conflicts)
         self.stats.last_success = time.time()
@@ -228,7 +228,7 @@ class Shipper:
         work.popleft()
         if len(batch) == 1:
             await self._dead_letter([Rejection(batch[0], error, reason)])
-            self.acknowledge([Ack(batch[0].file_id, batch[0].end)])
+            self.acknowledge([Ack(batch[0].file, batch[0].end)])
             return
         half = len(batch) // 2
         work.appendleft(batch[half:])

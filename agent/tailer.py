@@ -1,14 +1,27 @@
 """Following files: one `Tailer` per open file, and the `TailerSet` that keeps them by identity.
 
-A tailer owns one file descriptor. Woken by an inotify hint or a rescan, it
-checks the file (fstat), reads whatever was appended in chunks off the event
-loop, frames complete lines and hands them on in file order. It reads from
-the file it opened, not from the name, so a renamed (rotated) file is read
-to its end; a file that leaves every glob, or is deleted, is read to its end
-and then closed, so its disk space is freed.
+A tailer owns one file descriptor. Woken by an inotify hint, a poll or a
+rescan, it checks the file (fstat, and the marker of the bytes before its
+read position), reads whatever was appended in chunks off the event loop,
+frames complete lines (and multi-line events) and hands them on in file
+order. It reads from the file it opened, not from the name, so a renamed
+(rotated) file is read to its end; a file that leaves every glob, or is
+deleted, is read to its end and then closed, so its disk space is freed.
 
 Tailers are keyed by (source, device, inode), never by path: a known file
-seen under a new name is the same file renamed.
+seen under a new name is the same file renamed. When a tailer learns its
+file's identity it claims offsets from the `OffsetStore` (`TailerSet.claim`):
+
+- the same file (inode and first line) was read before: resume at its
+  committed offset, if the file is still that long and the bytes before the
+  offset are unchanged; otherwise it was rewritten in place, and is read from
+  the start under a new generation, so no document id is reused;
+- a file with another inode but the same first line and the same bytes
+  before a known offset is a copy (copy-truncate, a move across file
+  systems): it continues the original's offsets and ids once the original
+  is let go, so nothing already read is sent again;
+- otherwise it is a new file: read from its start, or from its end for files
+  found at the first start when the source says `start_at: end`.
 """
 
 from __future__ import annotations
@@ -23,154 +36,239 @@ from typing import Any
 
 import structlog
 
-from agent.identity import identify
-from agent.lines import LineSplitter
-from agent.types import FileId, LineSink
+from agent.config import SourceConfig
+from agent.identity import MARKER_BYTES, last_line_end, marker, read_fingerprint, read_marker
+from agent.lines import splitter_for
+from agent.multiline import MultilineAssembler
+from agent.offsets import OffsetStore
+from agent.types import FileId, LineSink, RawLine, SourceFile
 
 READ_CHUNK = 256 * 1024
 log = structlog.get_logger("agent.tailer")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
-Identified = Callable[[FileId, str, int], int]
-"""Told a file's identity, path and current size; returns the offset to read from."""
-Released = Callable[[FileId], None]
 
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    """A file a source's globs matched in a scan."""
+    """A file a source's globs matched in a scan, with its size then."""
 
     source: str
     path: str
     dev: int
     ino: int
+    size: int
 
 
 class Tailer:
-    def __init__(self, source: str, path: str, fd: int, max_line_bytes: int, rotate_wait: float,
-                 sink: LineSink, identified: Identified, released: Released) -> None:
+    def __init__(self, source: SourceConfig, path: str, fd: int, at_first_start: bool,
+                 owner: TailerSet) -> None:
         self.source = source
         self.path = path
         self.fd = fd
-        self.max_line_bytes = max_line_bytes
-        self.rotate_wait = rotate_wait
-        self.sink = sink
-        self.identified = identified
-        self.released = released
-        self.file_id: FileId | None = None
-        self.splitter = LineSplitter(max_line_bytes)
-        self.unlinked = False
-        """The file is no longer at any path the source's globs match (rotated away or deleted)."""
+        self.at_first_start = at_first_start
+        self.owner = owner
+        self.file: SourceFile | None = None
+        self.splitter = splitter_for(source.encoding, source.max_line_bytes)
+        self.multiline = self._assembler()
+        self.unlinked = asyncio.Event()
+        """Set when the file is no longer at any path the source's globs match."""
+        self.released = asyncio.Event()
+        """Set when this tailer stops owning its file's offsets (truncated, or done)."""
+        self.seen_size = -1
+        self._recent = b""
+        """The last MARKER_BYTES read, ending at `splitter.position`."""
         self._wake = asyncio.Event()
         self._wake.set()
-        self.log = log.bind(source=source, path=path)
+        self.log = log.bind(source=source.name, path=path)
+
+    def _assembler(self) -> MultilineAssembler | None:
+        ml = self.source.multiline
+        return None if ml is None else MultilineAssembler(ml.start, ml.max_bytes, self.source.encoding)
 
     def wake(self) -> None:
         self._wake.set()
 
     def unlink(self) -> None:
-        if not self.unlinked:
-            self.unlinked = True
-            self.log.info("file_unlinked", action="reading to its end, then releasing")
+        if not self.unlinked.is_set():
+            self.unlinked.set()
+            self.log.info("file_unlinked", action="reading it to its end, then releasing it")
         self._wake.set()
 
     def rename(self, path: str) -> None:
         self.log.info("file_renamed", new_path=path)
         self.path = path
-        self.log = log.bind(source=self.source, path=path)
+        self.log = self.log.bind(path=path)
 
     async def run(self) -> None:
         try:
-            last_growth = time.monotonic()
-            while True:
-                await self._wait()
-                st = await asyncio.to_thread(os.fstat, self.fd)
-                if self.file_id is not None and st.st_size < self.splitter.position:
-                    self._truncated(st.st_size)
-                if self.file_id is None and not await self._identify(st.st_size):
-                    if self.unlinked and (st.st_nlink == 0 or self._idle(last_growth)):
-                        return
-                    continue
-                if await self._read_to_end():
-                    last_growth = time.monotonic()
-                if self.unlinked and (st.st_nlink == 0 or self._idle(last_growth)):
-                    await self._finish()
-                    return
+            await self._follow()
         finally:
             os.close(self.fd)
-            if self.file_id is not None:
-                self.released(self.file_id)
+            self._release()
 
-    async def _wait(self) -> None:
-        if self.unlinked:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.rotate_wait):
+    async def _follow(self) -> None:
+        last_growth = time.monotonic()
+        while True:
+            woken = await self._wait()
+            st = await asyncio.to_thread(os.fstat, self.fd)
+            self.seen_size = st.st_size
+            if self.file is not None and await self._rewritten(st.st_size):
+                await self._truncated(st.st_size)
+            if self.file is None and not await self._identify(st.st_size):
+                if self.unlinked.is_set() and (st.st_nlink == 0 or self._idle(last_growth)):
+                    return
+                continue
+            if await self._read_to_end():
+                last_growth = time.monotonic()
+            elif not woken and self.multiline is not None and self.multiline.pending:
+                await self._flush_event()
+            if self.unlinked.is_set() and (st.st_nlink == 0 or self._idle(last_growth)):
+                await self._finish()
+                return
+
+    async def _wait(self) -> bool:
+        """Wait to be woken; return False when a timeout (rotation, multiline) fired instead."""
+        timeouts = []
+        if self.unlinked.is_set():
+            timeouts.append(self.source.rotate_wait)
+        if self.multiline is not None and self.multiline.pending and self.source.multiline:
+            timeouts.append(self.source.multiline.timeout)
+        woken = True
+        if timeouts:
+            try:
+                async with asyncio.timeout(min(timeouts)):
                     await self._wake.wait()
+            except TimeoutError:
+                woken = False
         else:
             await self._wake.wait()
         self._wake.clear()
+        return woken
 
     def _idle(self, last_growth: float) -> bool:
-        return time.monotonic() - last_growth >= self.rotate_wait
+        return time.monotonic() - last_growth >= self.source.rotate_wait
 
     async def _identify(self, size: int) -> bool:
-        file_id = await asyncio.to_thread(identify, self.fd)
-        if file_id is None:
+        fingerprint = await asyncio.to_thread(read_fingerprint, self.fd)
+        if fingerprint is None:
             return False
-        offset = self.identified(file_id, self.path, size)
-        self.file_id = file_id
-        self.splitter = LineSplitter(self.max_line_bytes, offset)
-        self.log = self.log.bind(file_id=str(file_id))
-        self.log.info("file_opened", offset=offset)
+        st = os.fstat(self.fd)
+        claim = await self.owner.claim(self, SourceFile(self.source.name,
+                                                        FileId(st.st_dev, st.st_ino, fingerprint)), size)
+        if claim is None:
+            return False
+        self.at_first_start = False
+        self.file, offset = claim
+        self.splitter = splitter_for(self.source.encoding, self.source.max_line_bytes, offset)
+        self._recent = await asyncio.to_thread(os.pread, self.fd, min(offset, MARKER_BYTES),
+                                               max(0, offset - MARKER_BYTES))
+        self.log = self.log.bind(file_id=str(self.file.file_id))
+        self.log.info("file_opened", offset=offset, size=size)
         return True
 
-    def _truncated(self, size: int) -> None:
-        assert self.file_id is not None
+    async def marker_matches(self, offset: int, expected: str | None) -> bool:
+        """Whether the bytes before `offset` in this file hash to `expected`."""
+        if expected is None:
+            return True
+        return await asyncio.to_thread(read_marker, self.fd, offset) == expected
+
+    async def _rewritten(self, size: int) -> bool:
+        """Truncated, or rewritten in place beyond the read position (copy-truncate followed by
+        fast writes): the bytes before the read position are not the ones read."""
+        position = self.splitter.position
+        if size < position:
+            return True
+        if not self._recent:
+            return False
+        now = await asyncio.to_thread(os.pread, self.fd, len(self._recent), position - len(self._recent))
+        return now != self._recent
+
+    async def _truncated(self, size: int) -> None:
         self.log.warning("file_truncated", offset=self.splitter.position, size=size,
-                         action="reading from the start")
-        self.released(self.file_id)
-        self.file_id = None
+                         action="reading it again from the start")
+        await self._flush_event()
+        self._release()
+        self.released = asyncio.Event()
+        self.file = None
+        self.splitter = splitter_for(self.source.encoding, self.source.max_line_bytes)
+        self.multiline = self._assembler()
+        self._recent = b""
 
     async def _read_to_end(self) -> bool:
         """Read and hand on every complete line up to the end of the file; True if it grew."""
-        assert self.file_id is not None
         grew = False
         while True:
-            data = await asyncio.to_thread(os.pread, self.fd, READ_CHUNK, self.splitter.position)
+            position = self.splitter.position
+            data = await asyncio.to_thread(os.pread, self.fd, READ_CHUNK, position)
             if not data:
                 return grew
             grew = True
             lines = self.splitter.feed(data)
+            before_end = b""
             if lines:
-                await self.sink(self.file_id, self.path, lines)
+                upto = len(data) - (self.splitter.position - lines[-1].end)
+                before_end = data[max(0, upto - MARKER_BYTES):upto]
+                if len(before_end) < MARKER_BYTES:
+                    before_end = self._recent + before_end
+            self._recent = (self._recent + data[-MARKER_BYTES:])[-MARKER_BYTES:]
+            if lines:
+                await self._hand_on(lines, marker(before_end))
+
+    async def _hand_on(self, lines: list[RawLine], end_marker: str) -> None:
+        assert self.file is not None
+        if self.multiline is not None:
+            lines = self.multiline.feed(lines)
+            if not lines:
+                return
+            end_marker = await asyncio.to_thread(read_marker, self.fd, lines[-1].end)
+        await self.owner.sinks[self.source.name](self.file, self.path, lines, end_marker)
+
+    async def _flush_event(self) -> None:
+        """Hand on the multi-line event still being assembled (timeout, or the file ends)."""
+        if self.multiline is not None and self.file is not None:
+            event = self.multiline.flush()
+            if event is not None:
+                end_marker = await asyncio.to_thread(read_marker, self.fd, event.end)
+                await self.owner.sinks[self.source.name](self.file, self.path, [event], end_marker)
 
     async def _finish(self) -> None:
         """The file is done: its unterminated last line, if any, is a line too."""
-        assert self.file_id is not None
-        line = self.splitter.flush()
+        line = self.splitter.flush() if self.file is not None else None
         if line is not None:
-            await self.sink(self.file_id, self.path, [line])
-        self.log.info("file_released", offset=self.splitter.position)
+            await self._hand_on([line], await asyncio.to_thread(read_marker, self.fd, line.end))
+        await self._flush_event()
+        unread = self.seen_size - self.splitter.position
+        self.log.info("file_released", offset=self.splitter.position, unread_bytes=max(unread, 0))
+
+    def _release(self) -> None:
+        if self.file is not None:
+            self.owner.offsets.detach(self.file)
+        self.released.set()
 
 
 class TailerSet:
-    """The live tailers, keyed by (source, device, inode); reconciles them with each scan."""
+    """The live tailers, keyed by (source, device, inode); reconciles them with each scan and
+    decides where each file is read from (`claim`)."""
 
-    def __init__(self, spawn: Spawn, sinks: dict[str, LineSink], max_line_bytes: dict[str, int],
-                 rotate_wait: float, identified: Identified, released: Released) -> None:
+    def __init__(self, spawn: Spawn, sources: Iterable[SourceConfig], sinks: dict[str, LineSink],
+                 offsets: OffsetStore, first_start: bool) -> None:
         self.spawn = spawn
+        self.sources = {s.name: s for s in sources}
         self.sinks = sinks
-        self.max_line_bytes = max_line_bytes
-        self.rotate_wait = rotate_wait
-        self.identified = identified
-        self.released = released
+        self.offsets = offsets
+        self.first_start = first_start
+        """No saved offsets: files found by the first scan follow their source's `start_at`."""
         self.live: dict[tuple[str, int, int], Tailer] = {}
         self.by_path: dict[str, set[Tailer]] = {}
         """The same file may be followed by several sources."""
         self.tasks: set[asyncio.Task[None]] = set()
+        self._scans = 0
 
-    def reconcile(self, found: Iterable[Found]) -> None:
-        """Start tailers for new files, follow renames, and let go of files no glob matches."""
+    def reconcile(self, found: Iterable[Found], scanned: Iterable[str]) -> None:
+        """Start tailers for new files, follow renames, wake tailers whose file changed, and let
+        go of files the scanned sources' globs no longer match."""
+        self._scans += 1
         seen = set()
         for item in found:
             key = (item.source, item.dev, item.ino)
@@ -183,28 +281,89 @@ class TailerSet:
                 self._unindex(tailer)
                 tailer.rename(item.path)
                 self.by_path.setdefault(item.path, set()).add(tailer)
-            tailer.wake()
+            if item.size != tailer.seen_size or tailer.file is None:
+                tailer.wake()
+        sources = set(scanned)
         for key, tailer in self.live.items():
-            if key not in seen:
+            if key[0] in sources and key not in seen:
                 tailer.unlink()
 
     def hint(self, path: str) -> None:
         for tailer in self.by_path.get(path, ()):
             tailer.wake()
 
+    def wake_all(self, sources: Iterable[str]) -> None:
+        names = set(sources)
+        for key, tailer in self.live.items():
+            if key[0] in names:
+                tailer.wake()
+
+    async def claim(self, tailer: Tailer, file: SourceFile, size: int) -> tuple[SourceFile, int] | None:
+        """Decide which offsets `tailer` reads `file` with, and from where (module docstring).
+        None if the tailer was unlinked while waiting for a copy's original."""
+        store = self.offsets
+        while True:
+            known = store.latest(file)
+            if known is not None:
+                progress = store.get(known)
+                assert progress is not None
+                if progress.committed <= size and await tailer.marker_matches(
+                        progress.marker_offset, progress.marker):
+                    return self._attach(tailer, known, progress.committed, progress.marker)
+                rewritten = known.file_id.next_generation()
+                tailer.log.warning("file_rewritten", committed=progress.committed, size=size,
+                                   generation=rewritten.generation,
+                                   action="reading it from the start")
+                return self._attach(tailer, SourceFile(file.source, rewritten), 0, None)
+            waited = False
+            for original in store.copies_of(file):
+                owner = self._owner(original)
+                if owner is not None:
+                    tailer.log.info("copy_detected", original=owner.path,
+                                    action="waiting until the original is let go")
+                    if not await _first_of(owner.released, tailer.unlinked):
+                        return None
+                    waited = True
+                    break
+                progress = store.get(original)
+                assert progress is not None
+                if progress.marker is not None and progress.marker_offset <= size and \
+                        await tailer.marker_matches(progress.marker_offset, progress.marker):
+                    tailer.log.info("copy_adopted", original=progress.path,
+                                    offset=progress.committed)
+                    return self._attach(tailer, original, progress.committed, progress.marker)
+            if waited:
+                continue
+            offset = 0
+            if self.first_start and tailer.at_first_start and tailer.source.start_at == "end":
+                newline = "\n".encode(tailer.source.encoding)
+                offset = await asyncio.to_thread(last_line_end, tailer.fd, size, newline)
+            return self._attach(tailer, file, offset, None)
+
+    def _attach(self, tailer: Tailer, file: SourceFile, offset: int,
+                marker_value: str | None) -> tuple[SourceFile, int]:
+        self.offsets.attach(file, tailer.path, offset, marker_value)
+        return file, offset
+
+    def _owner(self, file: SourceFile) -> Tailer | None:
+        for tailer in self.live.values():
+            if tailer.file == file and not tailer.released.is_set():
+                return tailer
+        return None
+
     def _open(self, item: Found) -> None:
         try:
             fd = os.open(item.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            log.warning("file_unreadable", source=item.source, path=item.path, error=str(exc))
+            log.warning("file_unreadable", source=item.source, path=item.path, error=str(exc),
+                        action="check the agent's permissions; retried at the next scan")
             return
         st = os.fstat(fd)
         key = (item.source, st.st_dev, st.st_ino)
         if key in self.live:
             os.close(fd)
             return
-        tailer = Tailer(item.source, item.path, fd, self.max_line_bytes[item.source],
-                        self.rotate_wait, self.sinks[item.source], self.identified, self.released)
+        tailer = Tailer(self.sources[item.source], item.path, fd, self._scans == 1, self)
         self.live[key] = tailer
         self.by_path.setdefault(item.path, set()).add(tailer)
         task = self.spawn(tailer.run())
@@ -227,3 +386,16 @@ class TailerSet:
         for task in self.tasks:
             task.cancel("agent stopping")
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def _first_of(wanted: asyncio.Event, other: asyncio.Event) -> bool:
+    """Wait for either event; True if `wanted` is set."""
+    waits = {asyncio.ensure_future(wanted.wait()), asyncio.ensure_future(other.wait())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*waits, return_exceptions=True)
+    return wanted.is_set()

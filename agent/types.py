@@ -16,24 +16,55 @@ class FileId:
 
     The fingerprint tells a reused inode from the file that had it before; it
     covers the first line (at most `identity.FINGERPRINT_BYTES`), which never
-    changes once written in an append-only file.
+    changes once written in an append-only file. `generation` counts the times
+    a file was found rewritten from its start with the same first line
+    (copy-truncate of a log that starts with a fixed banner), so that the new
+    content never reuses the old content's document ids.
     """
 
     dev: int
     ino: int
     fingerprint: str
+    generation: int = 0
 
     def __post_init__(self) -> None:
-        if self.dev < 0 or self.ino < 0 or not self.fingerprint:
+        if self.dev < 0 or self.ino < 0 or not self.fingerprint or self.generation < 0:
             raise ValueError(f"invalid FileId {self.dev}/{self.ino}/{self.fingerprint!r}")
 
     def __str__(self) -> str:
-        return f"{self.dev:x}.{self.ino:x}.{self.fingerprint}"
+        text = f"{self.dev:x}.{self.ino:x}.{self.fingerprint}"
+        return f"{text}.{self.generation}" if self.generation else text
 
     @classmethod
     def parse(cls, text: str) -> FileId:
-        dev, ino, fingerprint = text.split(".")
-        return cls(int(dev, 16), int(ino, 16), fingerprint)
+        dev, ino, fingerprint, *generation = text.split(".")
+        if len(generation) > 1:
+            raise ValueError(f"invalid file id {text!r}")
+        return cls(int(dev, 16), int(ino, 16), fingerprint, int(generation[0]) if generation else 0)
+
+    def same_file(self, other: FileId) -> bool:
+        """The same inode with the same first line, whatever the generation."""
+        return (self.dev, self.ino, self.fingerprint) == (other.dev, other.ino, other.fingerprint)
+
+    def next_generation(self) -> FileId:
+        return FileId(self.dev, self.ino, self.fingerprint, self.generation + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """One file as read by one source: what offsets are kept for. Two sources may follow the
+    same file (with different filters); each has its own offsets and document ids."""
+
+    source: str
+    file_id: FileId
+
+    def __str__(self) -> str:
+        return f"{self.source}/{self.file_id}"
+
+    @classmethod
+    def parse(cls, text: str) -> SourceFile:
+        source, _, file_id = text.partition("/")
+        return cls(source, FileId.parse(file_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,20 +96,21 @@ class Document:
 
     doc_id: str
     body: bytes
-    file_id: FileId
+    file: SourceFile
     end: int
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The shipper's word that the line ending at `end` in `file_id` is safe."""
+    """The shipper's word that the line ending at `end` in `file` is safe."""
 
-    file_id: FileId
+    file: SourceFile
     end: int
 
 
 Acknowledge = Callable[[Sequence[Ack]], None]
 """Where the shipper sends acknowledgements (the offset store)."""
 
-LineSink = Callable[[FileId, str, Sequence[RawLine]], Awaitable[None]]
-"""What a tailer hands its lines to: (file, path, lines in file order)."""
+LineSink = Callable[[SourceFile, str, Sequence[RawLine], str], Awaitable[None]]
+"""What a tailer hands its lines to: (file, path, lines in file order, marker of the last
+line's end)."""

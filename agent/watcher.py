@@ -3,9 +3,10 @@
 Two backends behind one loop. With inotify (through watchdog) a change to a
 followed file wakes its tailer and a new, moved or deleted name triggers a
 rescan; a full rescan still runs every `scan_interval` as a safety net for
-missed events. When inotify cannot be had (no support, or the watch limit),
-the watcher says so in the log and polls: a rescan, which also wakes every
-tailer, every `poll_interval`.
+missed events. Sources with `watch: poll`, and every source when inotify
+cannot be had (no support, or the watch limit, which the log then says),
+are rescanned every `poll_interval`; a rescan wakes the tailers whose file
+changed size. The one place that chooses between the two is `_watch`.
 
 An inotify event is only a hint: the truth is always what fstat and the next
 scan say.
@@ -14,10 +15,13 @@ scan say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import glob
 import os
+import stat
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -31,9 +35,10 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 from agent.config import SourceConfig
-from agent.tailer import Found
+from agent.tailer import Found, TailerSet
 
 log = structlog.get_logger("agent.watcher")
 _GLOB_CHARS = frozenset("*?[")
@@ -42,18 +47,26 @@ RELEVANT = frozenset({EVENT_TYPE_MODIFIED, EVENT_TYPE_CREATED, EVENT_TYPE_DELETE
 
 
 def scan(sources: Sequence[SourceConfig]) -> list[Found]:
-    """Every regular file the sources' globs match now, in a stable order. Blocking."""
+    """Every regular file the sources' globs match now, less their exclusions. Blocking."""
     found = []
     for source in sources:
         paths = sorted({p for pattern in source.paths for p in glob.glob(pattern, recursive=True)})
         for path in paths:
+            if excluded(path, source.exclude_paths):
+                continue
             try:
                 st = os.stat(path)
             except OSError:
                 continue
-            if os.path.isfile(path):
-                found.append(Found(source.name, path, st.st_dev, st.st_ino))
+            if stat.S_ISREG(st.st_mode):
+                found.append(Found(source.name, path, st.st_dev, st.st_ino, st.st_size))
     return found
+
+
+def excluded(path: str, patterns: Sequence[str]) -> bool:
+    """An exclude glob with a folder matches the whole path; one without ('*.gz') the name."""
+    name = os.path.basename(path)
+    return any(fnmatch.fnmatchcase(path if "/" in p else name, p) for p in patterns)
 
 
 def watch_roots(patterns: Iterable[str]) -> dict[str, bool]:
@@ -104,63 +117,79 @@ class _Hints(FileSystemEventHandler):
 
 
 class Watcher:
-    def __init__(self, sources: Sequence[SourceConfig], on_scan: Callable[[list[Found]], None],
-                 on_change: Callable[[str], None], scan_interval: float,
-                 poll_interval: float = 1.0) -> None:
-        self.sources = sources
-        self.on_scan = on_scan
-        self.on_change = on_change
+    """Runs discovery for every source: inotify hints plus rescans, or polling."""
+
+    def __init__(self, sources: Sequence[SourceConfig], tailers: TailerSet, scan_interval: float,
+                 poll_interval: float) -> None:
+        self.sources = list(sources)
+        self.tailers = tailers
         self.scan_interval = scan_interval
         self.poll_interval = poll_interval
-        self.patterns = [p for s in sources for p in s.paths]
-        self.mode = "inotify"
-        self._observer: Observer | None = None  # type: ignore[valid-type]
+        self.polled = {s.name for s in sources if s.watch == "poll"}
+        self._observer: BaseObserver | None = None
         self._watched: dict[str, bool] = {}
         self._rescan = asyncio.Event()
 
+    @property
+    def mode(self) -> str:
+        return "polling" if len(self.polled) == len(self.sources) else (
+            "inotify" if not self.polled else "inotify+polling")
+
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        handler = _Hints(loop, self._changed)
+        handler = _Hints(asyncio.get_running_loop(), self._changed)
+        next_full = 0.0
         try:
             while True:
-                if self.mode == "inotify":
+                now = time.monotonic()
+                if self._rescan.is_set() or now >= next_full:
+                    self._rescan.clear()
                     await asyncio.to_thread(self._watch, handler)
-                found = await asyncio.to_thread(scan, self.sources)
-                self.on_scan(found)
-                interval = self.scan_interval if self.mode == "inotify" else self.poll_interval
-                try:
-                    async with asyncio.timeout(interval):
+                    await self._scan(self.sources)
+                    next_full = now + self.scan_interval
+                elif self.polled:
+                    await self._scan([s for s in self.sources if s.name in self.polled])
+                wait = next_full - time.monotonic()
+                if self.polled:
+                    wait = min(wait, self.poll_interval)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(wait, 0.0)):
                         await self._rescan.wait()
-                except TimeoutError:
-                    pass
-                self._rescan.clear()
         finally:
             await asyncio.to_thread(self._stop_observer)
 
+    async def _scan(self, sources: Sequence[SourceConfig]) -> None:
+        found = await asyncio.to_thread(scan, sources)
+        self.tailers.reconcile(found, [s.name for s in sources])
+
     def _changed(self, paths: set[str]) -> None:
         for path in paths:
-            self.on_change(path)
-            if any(fnmatch.fnmatchcase(path, p) for p in self.patterns):
-                self._rescan.set()
+            self.tailers.hint(path)
+        if any(fnmatch.fnmatchcase(path, pattern) for path in paths
+               for s in self.sources if s.name not in self.polled for pattern in s.paths):
+            self._rescan.set()
 
     def _watch(self, handler: _Hints) -> None:
-        """Add inotify watches for folders that exist now; fall back to polling if we cannot."""
-        roots = watch_roots(self.patterns)
+        """Add inotify watches for the folders that exist now; poll the sources we cannot watch."""
+        watched = [s for s in self.sources if s.name not in self.polled]
+        if not watched:
+            return
         try:
             if self._observer is None:
                 self._observer = Observer()
                 self._observer.start()
-            for root, recursive in roots.items():
-                if self._watched.get(root) is None or (recursive and not self._watched[root]):
+            for root, recursive in watch_roots(p for s in watched for p in s.paths).items():
+                if root not in self._watched or (recursive and not self._watched[root]):
                     self._observer.schedule(handler, root, recursive=recursive)
                     self._watched[root] = recursive
         except OSError as exc:
-            log.warning("inotify_unavailable", error=str(exc), mode="polling",
-                        poll_interval=self.poll_interval,
-                        action="raise fs.inotify.max_user_watches / max_user_instances "
-                        "to get inotify back")
-            self.mode = "polling"
             self._stop_observer()
+            self.polled.update(s.name for s in watched)
+            forced = [s.name for s in watched if s.watch == "inotify"]
+            (log.error if forced else log.warning)(
+                "inotify_unavailable", error=str(exc), sources=[s.name for s in watched],
+                mode="polling", poll_interval=self.poll_interval,
+                action="raise fs.inotify.max_user_watches and max_user_instances (sysctl) and "
+                "restart the agent to use inotify again")
 
     def _stop_observer(self) -> None:
         if self._observer is not None:

@@ -71,7 +71,7 @@ def test_crlf_files_lose_no_line_and_keep_no_cr(reallogs: Path) -> None:
         assert not any(str(d.get("rest", d.get("message", ""))).endswith("\r") for d in docs), path
 
 
-def test_invalid_utf8_is_kept_and_counted(reallogs: Path) -> None:
+def test_invalid_encoding_is_kept_and_counted(reallogs: Path) -> None:
     path = reallogs / "fail2ban/testcase01.log"
     result = agent("parse", "--schema", "$month $day $time $host $message...", path.as_posix())
     assert result.returncode == 0, result.stderr

@@ -169,4 +169,4 @@ def test_shipped_examples_are_valid(tmp_path: Path) -> None:
 
 def test_readme_has_the_current_key_reference() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert config.describe_keys(markdown=True) in readme, "run: agent check --keys --markdown"
+    assert config.describe_keys(markdown=True) in readme, "run scripts/update-readme"

@@ -10,38 +10,55 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.offsets import OffsetStore, StateFile
-from agent.types import Ack, FileId
+from agent.types import Ack, FileId, SourceFile
 
-A = FileId(1, 2, "aaaa")
-B = FileId(1, 3, "bbbb")
+A = SourceFile("s", FileId(1, 2, "aaaa"))
+B = SourceFile("s", FileId(1, 3, "bbbb"))
 
 
-def store_with(*files: FileId) -> OffsetStore:
+def store_with(*files: SourceFile) -> OffsetStore:
     store = OffsetStore()
-    for fid in files:
-        store.attach(fid, f"/log/{fid.ino}", 0)
+    for f in files:
+        store.attach(f, f"/log/{f.file_id.ino}", 0, None)
     return store
 
 
-def committed(store: OffsetStore, fid: FileId) -> int | None:
-    return store.resume_offset(fid)
+def committed(store: OffsetStore, f: SourceFile) -> int | None:
+    progress = store.get(f)
+    return None if progress is None else progress.committed
+
+
+def expect(store: OffsetStore, f: SourceFile, ends: list[int], read_to: int) -> None:
+    store.expect(f, ends, read_to, f"m{read_to}")
 
 
 def test_offset_moves_only_past_the_contiguous_acknowledged_run() -> None:
     store = store_with(A)
-    store.expect(A, [10, 20, 30], read_to=30)
+    expect(store, A, [10, 20, 30], 30)
     store.acknowledge([Ack(A, 20), Ack(A, 30)])
     assert committed(store, A) == 0
     store.acknowledge([Ack(A, 10)])
     assert committed(store, A) == 30
     assert store.outstanding() == 0
+    progress = store.get(A)
+    assert progress is not None and (progress.marker_offset, progress.marker) == (30, "m30")
+
+
+def test_marker_follows_the_last_read_position_that_is_fully_acknowledged() -> None:
+    store = store_with(A)
+    expect(store, A, [10, 20], 20)
+    expect(store, A, [30, 40], 40)
+    store.acknowledge([Ack(A, 10), Ack(A, 20), Ack(A, 30)])
+    progress = store.get(A)
+    assert progress is not None
+    assert (progress.committed, progress.marker_offset, progress.marker) == (30, 20, "m20")
 
 
 def test_lines_without_documents_count_as_acknowledged() -> None:
     store = store_with(A)
-    store.expect(A, [], read_to=50)
+    expect(store, A, [], 50)
     assert committed(store, A) == 50
-    store.expect(A, [60], read_to=90)
+    expect(store, A, [60], 90)
     assert committed(store, A) == 50
     store.acknowledge([Ack(A, 60)])
     assert committed(store, A) == 90
@@ -49,8 +66,8 @@ def test_lines_without_documents_count_as_acknowledged() -> None:
 
 def test_files_are_independent() -> None:
     store = store_with(A, B)
-    store.expect(A, [5], read_to=5)
-    store.expect(B, [7], read_to=7)
+    expect(store, A, [5], 5)
+    expect(store, B, [7], 7)
     store.acknowledge([Ack(B, 7)])
     assert (committed(store, A), committed(store, B)) == (0, 7)
 
@@ -72,13 +89,15 @@ def test_prune_forgets_only_released_old_files() -> None:
 
 def test_state_file_round_trip(tmp_path: Path) -> None:
     store = store_with(A)
-    store.expect(A, [], read_to=123)
+    expect(store, A, [], 123)
     state = StateFile(tmp_path)
     assert store.dirty
     state.save(store.snapshot())
     assert not store.dirty
-    loaded = state.load()
+    loaded, status = state.load()
+    assert status == "ok"
     assert loaded[A].committed == 123 and loaded[A].path == "/log/2"
+    assert (loaded[A].marker_offset, loaded[A].marker) == (123, "m123")
     assert not (tmp_path / "offsets.json.tmp").exists()
 
 
@@ -86,29 +105,46 @@ def test_a_complete_temp_file_wins_over_the_older_state(tmp_path: Path) -> None:
     state = StateFile(tmp_path)
     store = store_with(A)
     state.save(store.snapshot())
-    store.expect(A, [], read_to=99)
+    expect(store, A, [], 99)
     (tmp_path / "offsets.json.tmp").write_text(json.dumps(store.snapshot()))
-    assert state.load()[A].committed == 99
+    assert state.load()[0][A].committed == 99
     assert not (tmp_path / "offsets.json.tmp").exists()
 
 
 def test_a_torn_temp_file_is_ignored(tmp_path: Path) -> None:
     state = StateFile(tmp_path)
     store = store_with(A)
-    store.expect(A, [], read_to=7)
+    expect(store, A, [], 7)
     state.save(store.snapshot())
     (tmp_path / "offsets.json.tmp").write_text('{"version": 1, "fi')
-    assert state.load()[A].committed == 7
+    assert state.load()[0][A].committed == 7
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00\x01garbage", b'{"version": 99, "files": {}}',
-                                     b'{"version": 1, "files": {"x": {}}}', b"[1,2]"])
+@pytest.mark.parametrize("content", [
+    b"", b"\x00\x01garbage", b'{"version": 99, "files": {}}', b'{"version": 1, "files": {"x": {}}}',
+    b"[1,2]", b'{"version": 1, "files": {"s/1.2.ab": {"path": "/x", "offset": 5, "updated": 1, '
+    b'"marker_offset": 9, "marker": null}}}'])
 def test_corrupt_state_is_moved_aside_and_reported(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "offsets.json").write_bytes(content)
     with capture_logs() as logs:
-        assert StateFile(tmp_path).load() == {}
+        assert StateFile(tmp_path).load() == ({}, "corrupt")
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["state_file_unreadable",
                                                                       "state_file_corrupt"]
     aside = [p for p in os.listdir(tmp_path) if p.startswith("offsets.json.corrupt-")]
     assert len(aside) == 1 and (tmp_path / aside[0]).read_bytes() == content
     assert not (tmp_path / "offsets.json").exists()
+
+
+def test_no_state_file_is_a_first_start(tmp_path: Path) -> None:
+    assert StateFile(tmp_path).load() == ({}, "absent")
+
+
+def test_new_generation_replaces_the_old_and_copies_are_found() -> None:
+    store = store_with(A)
+    rewritten = SourceFile("s", A.file_id.next_generation())
+    assert store.latest(SourceFile("s", FileId(1, 2, "aaaa"))) == A
+    store.attach(rewritten, "/log/2", 0, None)
+    assert store.latest(A) == rewritten and store.get(A) is None
+    copy = SourceFile("s", FileId(1, 99, "aaaa"))
+    assert store.copies_of(copy) == [rewritten]
+    assert store.copies_of(SourceFile("other", FileId(1, 99, "aaaa"))) == []

@@ -10,7 +10,7 @@ import pytest
 from agent.config import Problem, SourceConfig, source_from_mapping
 from agent.counters import SourceCounters
 from agent.parser import LineContext, SourceParser, document_id
-from agent.types import FileId, RawLine
+from agent.types import FileId, RawLine, SourceFile
 
 FILE = FileId(0xFE00, 0x1234, "ab12cd34ef56ab78")
 
@@ -97,15 +97,15 @@ def test_empty_lines_are_counted_not_shipped() -> None:
     assert counters.empty == 2 and counters.lines == 2
 
 
-def test_invalid_utf8_and_nul_bytes_are_kept_and_counted() -> None:
+def test_invalid_encoding_and_nul_bytes_are_kept_and_counted() -> None:
     parser, counters = make_parser(schema="$month $rest...")
     assert parse(parser, b"D\xe9c 31 x\x00y") == {"month": "D\ufffdc", "rest": "31 x\x00y"}
-    assert (counters.invalid_utf8, counters.nul_bytes) == (1, 1)
+    assert (counters.invalid_encoding, counters.nul_bytes) == (1, 1)
 
 
 def test_document_has_deterministic_sortable_id_and_metadata() -> None:
     parser, counters = make_parser(schema="$a", metadata_key="meta")
-    context = LineContext(FILE, "/var/log/x.log", "2026-01-01T00:00:00.000+00:00")
+    context = LineContext(SourceFile("t", FILE), "/var/log/x.log", "2026-01-01T00:00:00.000+00:00")
     lines = [RawLine(0, 4, b"abc"), RawLine(4, 5, b""), RawLine(5, 4000, b"long", truncated=True)]
     docs = parser.documents(lines, context)
     assert [d.end for d in docs] == [4, 4000]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from agent.config import CouchDBConfig
 from agent.shipper import basic_auth, bulk_body, classify_results, endpoints
-from agent.types import Document, FileId
+from agent.types import Document, FileId, SourceFile
 
-F = FileId(1, 1, "ff")
+F = SourceFile("s", FileId(1, 1, "ff"))
 
 
 def doc(n: int) -> Document:
