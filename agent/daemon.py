@@ -91,6 +91,7 @@ class Agent:
                                   {s.name: self._sink(s) for s in cfg.sources}, self.offsets,
                                   first_start)
         watcher = Watcher(cfg.sources, self._tailers, cfg.scan_interval, cfg.poll_interval)
+        await watcher.start()
         self._spawn("watcher", watcher.run())
         self.started = True
         log.info("agent_started", sources=[s.name for s in cfg.sources], watch=watcher.mode,

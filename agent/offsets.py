@@ -53,6 +53,10 @@ class FileProgress:
     acked: set[int] = field(default_factory=set)
     marks: deque[tuple[int, str]] = field(default_factory=deque)
     live: bool = False
+    read_offset: int = 0
+    read_marker: str | None = None
+    """Where the last reader stopped, and the marker there (not saved): lets a copy of the file
+    made before it was truncated be recognized even when acks lag behind reading."""
 
 
 class OffsetStore:
@@ -95,12 +99,14 @@ class OffsetStore:
                       and f.file_id.generation < file.file_id.generation]:
             del self.files[older]
 
-    def detach(self, file: SourceFile) -> None:
-        """The tailer let go of the file; its entry stays until `prune`."""
+    def detach(self, file: SourceFile, read_offset: int, read_marker: str | None) -> None:
+        """The tailer let go of the file, having read up to `read_offset`; the entry stays
+        until `prune`."""
         progress = self.files.get(file)
         if progress is not None:
             progress.live = False
             progress.updated = time.time()
+            progress.read_offset, progress.read_marker = read_offset, read_marker
 
     def expect(self, file: SourceFile, doc_ends: Sequence[int], read_to: int,
                read_to_marker: str) -> None:

@@ -59,7 +59,8 @@ def _compile_token(token: str, is_last: bool, seen: set[str]) -> str:
             raise SchemaError(f"'${rest}{REST_SUFFIX}' captures the rest of the line, "
                               "so it must be the last token")
         _claim(rest, seen)
-        return f"(?P<{rest}>.*)"
+        # DOTALL: a multi-line event's rest includes its continuation lines.
+        return f"(?P<{rest}>(?s:.*))"
     out: list[str] = []
     for i, piece in enumerate(pieces):
         if isinstance(piece, str):

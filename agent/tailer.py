@@ -17,9 +17,9 @@ file's identity it claims offsets from the `OffsetStore` (`TailerSet.claim`):
   offset are unchanged; otherwise it was rewritten in place, and is read from
   the start under a new generation, so no document id is reused;
 - a file with another inode but the same first line and the same bytes
-  before a known offset is a copy (copy-truncate, a move across file
-  systems): it continues the original's offsets and ids once the original
-  is let go, so nothing already read is sent again;
+  before a known offset (one past the first line) is a copy (copy-truncate,
+  a move across file systems): it continues the original's offsets and ids
+  once the original is let go, so nothing already read is sent again;
 - otherwise it is a new file: read from its start, or from its end for files
   found at the first start when the source says `start_at: end`.
 """
@@ -37,13 +37,21 @@ from typing import Any
 import structlog
 
 from agent.config import SourceConfig
-from agent.identity import MARKER_BYTES, last_line_end, marker, read_fingerprint, read_marker
+from agent.identity import (
+    FINGERPRINT_BYTES,
+    MARKER_BYTES,
+    last_line_end,
+    marker,
+    read_fingerprint,
+    read_marker,
+)
 from agent.lines import splitter_for
 from agent.multiline import MultilineAssembler
-from agent.offsets import OffsetStore
+from agent.offsets import FileProgress, OffsetStore
 from agent.types import FileId, LineSink, RawLine, SourceFile
 
 READ_CHUNK = 256 * 1024
+MIN_COPY_OFFSET = FINGERPRINT_BYTES + MARKER_BYTES
 log = structlog.get_logger("agent.tailer")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
@@ -241,9 +249,13 @@ class Tailer:
         unread = self.seen_size - self.splitter.position
         self.log.info("file_released", offset=self.splitter.position, unread_bytes=max(unread, 0))
 
+    def reference(self) -> tuple[int, str | None]:
+        """How far this tailer has read, and the marker there."""
+        return self.splitter.position, marker(self._recent) if self._recent else None
+
     def _release(self) -> None:
         if self.file is not None:
-            self.owner.offsets.detach(self.file)
+            self.owner.offsets.detach(self.file, *self.reference())
         self.released.set()
 
 
@@ -317,7 +329,11 @@ class TailerSet:
                 return self._attach(tailer, SourceFile(file.source, rewritten), 0, None)
             waited = False
             for original in store.copies_of(file):
+                progress = store.get(original)
+                assert progress is not None
                 owner = self._owner(original)
+                if not await self._is_copy(tailer, progress, owner, size):
+                    continue
                 if owner is not None:
                     tailer.log.info("copy_detected", original=owner.path,
                                     action="waiting until the original is let go")
@@ -325,13 +341,8 @@ class TailerSet:
                         return None
                     waited = True
                     break
-                progress = store.get(original)
-                assert progress is not None
-                if progress.marker is not None and progress.marker_offset <= size and \
-                        await tailer.marker_matches(progress.marker_offset, progress.marker):
-                    tailer.log.info("copy_adopted", original=progress.path,
-                                    offset=progress.committed)
-                    return self._attach(tailer, original, progress.committed, progress.marker)
+                tailer.log.info("copy_adopted", original=progress.path, offset=progress.committed)
+                return self._attach(tailer, original, progress.committed, progress.marker)
             if waited:
                 continue
             offset = 0
@@ -339,6 +350,22 @@ class TailerSet:
                 newline = "\n".encode(tailer.source.encoding)
                 offset = await asyncio.to_thread(last_line_end, tailer.fd, size, newline)
             return self._attach(tailer, file, offset, None)
+
+    @staticmethod
+    async def _is_copy(tailer: Tailer, original: FileProgress, owner: Tailer | None,
+                       size: int) -> bool:
+        """Whether the tailer's file holds the original's bytes before a known offset: the
+        committed one, or where its reader is (or stopped). The offset must lie past the
+        fingerprinted first line, so that files that merely start with the same banner are
+        never taken for copies."""
+        references = [(original.marker_offset, original.marker),
+                      owner.reference() if owner is not None
+                      else (original.read_offset, original.read_marker)]
+        for offset, expected in references:
+            if expected is not None and MIN_COPY_OFFSET <= offset <= size and \
+                    await tailer.marker_matches(offset, expected):
+                return True
+        return False
 
     def _attach(self, tailer: Tailer, file: SourceFile, offset: int,
                 marker_value: str | None) -> tuple[SourceFile, int]:

@@ -129,21 +129,28 @@ class Watcher:
         self._observer: BaseObserver | None = None
         self._watched: dict[str, bool] = {}
         self._rescan = asyncio.Event()
+        self._handler: _Hints | None = None
 
     @property
     def mode(self) -> str:
         return "polling" if len(self.polled) == len(self.sources) else (
             "inotify" if not self.polled else "inotify+polling")
 
+    async def start(self) -> None:
+        """Set up the watches and run the first scan, so that the files there at start are
+        known when startup completes."""
+        self._handler = _Hints(asyncio.get_running_loop(), self._changed)
+        await asyncio.to_thread(self._watch, self._handler)
+        await self._scan(self.sources)
+
     async def run(self) -> None:
-        handler = _Hints(asyncio.get_running_loop(), self._changed)
-        next_full = 0.0
+        next_full = time.monotonic() + self.scan_interval
         try:
             while True:
                 now = time.monotonic()
                 if self._rescan.is_set() or now >= next_full:
                     self._rescan.clear()
-                    await asyncio.to_thread(self._watch, handler)
+                    await asyncio.to_thread(self._watch, self._handler)
                     await self._scan(self.sources)
                     next_full = now + self.scan_interval
                 elif self.polled:
@@ -168,10 +175,10 @@ class Watcher:
                for s in self.sources if s.name not in self.polled for pattern in s.paths):
             self._rescan.set()
 
-    def _watch(self, handler: _Hints) -> None:
+    def _watch(self, handler: _Hints | None) -> None:
         """Add inotify watches for the folders that exist now; poll the sources we cannot watch."""
         watched = [s for s in self.sources if s.name not in self.polled]
-        if not watched:
+        if not watched or handler is None:
             return
         try:
             if self._observer is None:

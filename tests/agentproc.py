@@ -49,14 +49,21 @@ class AgentProcess:
         self.config = config
         self.log_path = config.parent / "agent.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._starts = 0
 
     def start(self) -> AgentProcess:
+        self._starts += 1
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
             stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         log.close()
         return self
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Until the agent logged `agent_started` (its first scan is done) since the last start."""
+        wait_for(lambda: self.log().count('"agent_started"') >= self._starts, timeout,
+                 "the agent to start")
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, as systemd stops it; return the exit code."""
