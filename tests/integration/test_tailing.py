@@ -133,7 +133,7 @@ def test_rewritten_in_place_with_the_same_first_line_while_stopped(
 def test_log4j_dated_rotation_of_real_kafka_logs(tmp_path: Path, logs: Path, couch: CouchDB,
                                                  couchdb_url: str, database: str, reallogs: Path) -> None:
     source = reallogs / "elastic-examples/kafka0/logs"
-    hours = sorted(source.glob("server.log.2016-12-19-*")) + [source / "server.log"]
+    hours = [*sorted(source.glob("server.log.2016-12-19-*")), source / "server.log"]
     log = logs / "server.log"
     flow = pipeline(tmp_path, couch, couchdb_url, database, {"paths": [str(logs / "server.log*")]}).start()
     written: Counter[str] = Counter()
