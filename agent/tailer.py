@@ -40,6 +40,7 @@ from agent.config import SourceConfig
 from agent.identity import (
     FINGERPRINT_BYTES,
     MARKER_BYTES,
+    fingerprint,
     last_line_end,
     marker,
     read_fingerprint,
@@ -121,13 +122,18 @@ class Tailer:
             woken = await self._wait()
             st = await asyncio.to_thread(os.fstat, self.fd)
             self.seen_size = st.st_size
-            if self.file is not None and await self._rewritten(st.st_size):
+            if self.file is not None and st.st_size < self.splitter.position:
                 await self._truncated(st.st_size)
             if self.file is None and not await self._identify(st.st_size):
                 if self.unlinked.is_set() and (st.st_nlink == 0 or self._idle(last_growth)):
                     return
                 continue
-            if await self._read_to_end():
+            grew = await self._read_to_end()
+            if grew is None:
+                await self._truncated(st.st_size)
+                self._wake.set()
+                continue
+            if grew:
                 last_growth = time.monotonic()
             elif not woken and self.multiline is not None and self.multiline.pending:
                 await self._flush_event()
@@ -181,17 +187,6 @@ class Tailer:
             return True
         return await asyncio.to_thread(read_marker, self.fd, offset) == expected
 
-    async def _rewritten(self, size: int) -> bool:
-        """Truncated, or rewritten in place beyond the read position (copy-truncate followed by
-        fast writes): the bytes before the read position are not the ones read."""
-        position = self.splitter.position
-        if size < position:
-            return True
-        if not self._recent:
-            return False
-        now = await asyncio.to_thread(os.pread, self.fd, len(self._recent), position - len(self._recent))
-        return now != self._recent
-
     async def _truncated(self, size: int) -> None:
         self.log.warning("file_truncated", offset=self.splitter.position, size=size,
                          action="reading it again from the start")
@@ -203,12 +198,14 @@ class Tailer:
         self.multiline = self._assembler()
         self._recent = b""
 
-    async def _read_to_end(self) -> bool:
-        """Read and hand on every complete line up to the end of the file; True if it grew."""
+    async def _read_to_end(self) -> bool | None:
+        """Read and hand on every complete line up to the end of the file. True if it grew,
+        False if not, None if it was rewritten (truncated and written again) under us."""
         grew = False
         while True:
-            position = self.splitter.position
-            data = await asyncio.to_thread(os.pread, self.fd, READ_CHUNK, position)
+            data = await asyncio.to_thread(self._read_chunk)
+            if data is None:
+                return None
             if not data:
                 return grew
             grew = True
@@ -222,6 +219,20 @@ class Tailer:
             self._recent = (self._recent + data[-MARKER_BYTES:])[-MARKER_BYTES:]
             if lines:
                 await self._hand_on(lines, marker(before_end))
+
+    def _read_chunk(self) -> bytes | None:
+        """The next chunk, or None if the file no longer holds what was read. One pread takes the
+        bytes before the read position too, so the check and the read see the same file (the
+        start of the file is checked against the fingerprint). Blocking."""
+        assert self.file is not None
+        position, recent = self.splitter.position, self._recent
+        raw = os.pread(self.fd, READ_CHUNK + len(recent), position - len(recent))
+        if raw[: len(recent)] != recent:
+            return None
+        data = raw[len(recent):]
+        if position == 0 and data and fingerprint(data) != self.file.file_id.fingerprint:
+            return None
+        return data
 
     async def _hand_on(self, lines: list[RawLine], end_marker: str) -> None:
         assert self.file is not None
@@ -365,6 +376,8 @@ class TailerSet:
             if expected is not None and MIN_COPY_OFFSET <= offset <= size and \
                     await tailer.marker_matches(offset, expected):
                 return True
+        tailer.log.debug("not_a_copy", original=original.path, references=references, size=size,
+                         owner_live=owner is not None)
         return False
 
     def _attach(self, tailer: Tailer, file: SourceFile, offset: int,
