@@ -75,6 +75,13 @@ class ShippingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    max_bytes: int
+    segment_bytes: int
+    when_full: Literal["block", "drop_oldest"]
+
+
+@dataclass(frozen=True, slots=True)
 class SourceConfig:
     """One log source: which files, how to parse their lines, where documents go."""
 
@@ -121,6 +128,7 @@ class AgentConfig:
     scan_interval: float
     poll_interval: float = 1.0
     on_corrupt_state: StartAt = "beginning"
+    spool: SpoolConfig = SpoolConfig(1024**3, 8 * 1024**2, "block")
     sources: tuple[SourceConfig, ...] = field(default=())
 
 
@@ -286,8 +294,8 @@ MAIN_KEYS: tuple[Key, ...] = (
         "(first line), instead of couchdb.password"),
     Key("couchdb.request_timeout", _duration, 30.0, "seconds before a request is abandoned "
         "and retried"),
-    Key("state_dir", _string, "/var/lib/couchlog", "folder for the offsets state file "
-        "and the dead-letter file"),
+    Key("state_dir", _string, "/var/lib/couchlog", "folder for the offsets state file, the "
+        "spool and the dead-letter file"),
     Key("sources_dir", _string, "conf.d", "folder of source files (*.yaml), "
         "relative to the main file's folder"),
     Key("host", _string, None, "host name put in every document", shown="this machine's name"),
@@ -300,6 +308,12 @@ MAIN_KEYS: tuple[Key, ...] = (
     Key("shipping.queue_max_bytes", _size, 32 * 1024**2, "bytes held in memory per database "
         "before reading pauses", shown="32MiB"),
     Key("shipping.retry_max_backoff", _duration, 30.0, "longest wait between retries"),
+    Key("spool.max_bytes", _size, 1024**3, "disk spool cap per database; when it is full, "
+        "reading pauses (the log files hold the data)", shown="1GiB"),
+    Key("spool.segment_bytes", _size, 8 * 1024**2, "size of one spool segment file",
+        shown="8MiB"),
+    Key("spool.when_full", _choice("block", "drop_oldest"), "block", "block: pause reading; "
+        "drop_oldest: delete the oldest segment and count what it held"),
     Key("log.level", _choice("debug", "info", "warning", "error"), "info", "agent log level"),
     Key("log.format", _choice("auto", "json", "console"), "auto",
         "json, console, or auto (console on a terminal, json otherwise)"),
@@ -456,6 +470,8 @@ def load(path: Path) -> AgentConfig:
         scan_interval=main["scan_interval"],
         poll_interval=main["poll_interval"],
         on_corrupt_state=main["on_corrupt_state"],
+        spool=SpoolConfig(main["spool.max_bytes"], main["spool.segment_bytes"],
+                          main["spool.when_full"]),
         sources=sources,
     )
 

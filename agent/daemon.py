@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import resource
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,7 @@ from agent.offsets import OffsetStore, StateFile
 from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
 from agent.shipper import Shipper, endpoints
+from agent.spool import Spool
 from agent.tailer import TailerSet
 from agent.types import LineSink, RawLine, SourceFile
 from agent.watcher import Watcher
@@ -72,6 +74,7 @@ class Agent:
 
     async def startup(self) -> None:
         cfg = self.config
+        _raise_open_files_limit()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         entries, status = await asyncio.to_thread(self.state_file.load)
         self.offsets = OffsetStore(entries)
@@ -80,10 +83,14 @@ class Agent:
             connector=aiohttp.TCPConnector(limit=len(self.queues) + len(cfg.sources) + 4))
         dead_letter = DeadLetterFile(cfg.state_dir)
         targets = endpoints(cfg.couchdb)
-        for database in sorted({s.database for s in cfg.sources}):
+        for database, sources in self._sources_by_database().items():
+            spool = Spool(cfg.state_dir / "spool" / database, cfg.spool.max_bytes,
+                          cfg.spool.segment_bytes, cfg.spool.when_full)
+            await asyncio.to_thread(spool.open)
+            self._check_spool(spool, database, sources)
             queue = DocumentQueue(cfg.shipping.queue_max_docs, cfg.shipping.queue_max_bytes)
-            shipper = Shipper(database, queue, self._session, targets, cfg.couchdb, cfg.shipping,
-                              self.offsets.acknowledge, dead_letter)
+            shipper = Shipper(database, queue, spool, self._session, targets, cfg.couchdb,
+                              cfg.shipping, self.offsets.acknowledge, dead_letter)
             self.queues[database] = queue
             self.shippers[database] = shipper
             self._spawn(f"shipper:{database}", shipper.run())
@@ -99,6 +106,26 @@ class Agent:
                  databases=sorted(self.queues), state_dir=str(cfg.state_dir),
                  couchdb=[t.url for t in targets], pid=os.getpid())
 
+    def _sources_by_database(self) -> dict[str, list[str]]:
+        by_database: dict[str, list[str]] = {}
+        for source in self.config.sources:
+            by_database.setdefault(source.database, []).append(source.name)
+        return dict(sorted(by_database.items()))
+
+    def _check_spool(self, spool: Spool, database: str, sources: list[str]) -> None:
+        """A spool that lost documents (damaged, or gone while the offsets say some were only
+        there) sends its sources back to where CouchDB had every line: lost lines are read
+        again from the log files, and CouchDB answers the others with conflict."""
+        lost = spool.damaged or (spool.pending == 0 and any(
+            p.delivered is None or p.delivered[0] < p.committed
+            for f, p in self.offsets.files.items() if f.source in sources and p.committed))
+        if lost:
+            moved = self.offsets.rewind(sources)
+            if moved:
+                log.warning("spool_lost_documents", database=database, files=len(moved),
+                            action="reading those files again from the last offsets known "
+                            "to be in CouchDB")
+
     async def main_loop(self) -> None:
         last_progress = time.monotonic()
         while not self.should_exit.is_set():
@@ -111,7 +138,11 @@ class Agent:
                 self._log_progress()
 
     async def on_tick(self) -> None:
-        """All periodic work: write offsets that moved, forget long-gone files."""
+        """All periodic work: note what is all in CouchDB, write offsets that moved, forget
+        long-gone files."""
+        for database, sources in self._sources_by_database().items():
+            if not self.shippers[database].spool.pending:
+                self.offsets.settle(sources)
         self.offsets.prune(time.time() - FORGET_AFTER)
         if self.offsets.dirty:
             await asyncio.to_thread(self.state_file.save, self.offsets.snapshot())
@@ -126,6 +157,10 @@ class Agent:
         for name in [n for n in self._tasks if n.startswith("shipper:")]:
             self._cancel(name)
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        for shipper in self.shippers.values():
+            await shipper.spool_remaining()
+            await asyncio.to_thread(shipper.spool.close)
+        await self.on_tick()
         await asyncio.to_thread(self.state_file.save, self.offsets.snapshot())
         if self._session is not None:
             await self._session.close()
@@ -138,7 +173,7 @@ class Agent:
         while not all(s.idle for s in self.shippers.values()):
             if self.force_exit or time.monotonic() >= deadline:
                 log.warning("shutdown_deadline", undelivered=self.offsets.outstanding(),
-                            note="undelivered lines are read again at the next start")
+                            action="spooling what is left; it is sent at the next start")
                 return
             await asyncio.sleep(0.05)
 
@@ -195,3 +230,12 @@ class Agent:
         for database, shipper in self.shippers.items():
             log.info("shipper_progress", database=database, queued=len(self.queues[database]),
                      **dataclasses.asdict(shipper.stats))
+
+
+def _raise_open_files_limit() -> None:
+    """One descriptor per followed file: take the hard limit, as systemd's 1024 soft default
+    would stop the agent at about a thousand files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("open_files_limit_raised", soft=soft, now=hard)

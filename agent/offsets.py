@@ -49,6 +49,9 @@ class FileProgress:
     updated: float
     marker_offset: int = 0
     marker: str | None = None
+    delivered: tuple[int, int, str | None] | None = None
+    """(committed, marker_offset, marker) when all the file's documents up to there were in
+    CouchDB, not only in the spool: where to read again from if the spool is lost."""
     pending: deque[int] = field(default_factory=deque)
     acked: set[int] = field(default_factory=set)
     marks: deque[tuple[int, str]] = field(default_factory=deque)
@@ -88,7 +91,10 @@ class OffsetStore:
         progress = self.files.get(file)
         if progress is None or progress.committed != offset or progress.path != path:
             self.dirty = True
-        new = FileProgress(path, offset, time.time(), offset, marker, live=True)
+        new = FileProgress(path, offset, time.time(), offset, marker, live=True,
+                           delivered=progress.delivered if progress is not None else None)
+        if new.delivered is not None and new.delivered[0] > offset:
+            new.delivered = None
         if progress is not None:
             # Acks still in flight from an earlier reader of these bytes (a copy's original)
             # count: the same offset in the same file id is the same document.
@@ -131,6 +137,32 @@ class OffsetStore:
         for progress in touched:
             self._advance(progress)
 
+    def settle(self, sources: Iterable[str]) -> None:
+        """The spool of these sources' database is empty: everything committed is in CouchDB."""
+        names = set(sources)
+        for file, p in self.files.items():
+            if file.source in names:
+                mark = (p.committed, p.marker_offset, p.marker)
+                if p.delivered != mark:
+                    p.delivered = mark
+                    self.dirty = True
+
+    def rewind(self, sources: Iterable[str]) -> list[SourceFile]:
+        """The spool of these sources' database lost documents: read every file again from
+        where CouchDB had all of it. Returns the files moved back."""
+        names = set(sources)
+        moved = []
+        for file, p in self.files.items():
+            if file.source in names and p.delivered is not None and p.delivered[0] < p.committed:
+                p.committed, p.marker_offset, p.marker = p.delivered
+                moved.append(file)
+            elif file.source in names and p.delivered is None and p.committed > 0:
+                p.committed, p.marker_offset, p.marker = 0, 0, None
+                moved.append(file)
+        if moved:
+            self.dirty = True
+        return moved
+
     def outstanding(self) -> int:
         """Documents queued but not yet acknowledged, over all files."""
         return sum(sum(1 for end in p.pending if end not in p.acked) for p in self.files.values())
@@ -166,7 +198,8 @@ class OffsetStore:
             "version": STATE_VERSION,
             "files": {
                 str(f): {"path": p.path, "offset": p.committed, "updated": round(p.updated, 3),
-                         "marker_offset": p.marker_offset, "marker": p.marker}
+                         "marker_offset": p.marker_offset, "marker": p.marker,
+                         "delivered": p.delivered}
                 for f, p in self.files.items()
             },
         }
@@ -239,6 +272,13 @@ def _progress(entry: dict[str, Any]) -> FileProgress:
         raise ValueError(f"invalid marker {marker!r}")
     progress = FileProgress(str(entry["path"]), int(entry["offset"]), float(entry["updated"]),
                             int(entry["marker_offset"]), marker)
+    delivered = entry["delivered"]
+    if delivered is not None:
+        offset, marker_offset, delivered_marker = delivered
+        if not (isinstance(delivered_marker, str | None) and 0 <= int(marker_offset) <= int(offset)
+                <= progress.committed):
+            raise ValueError(f"invalid delivered offsets {delivered!r}")
+        progress.delivered = (int(offset), int(marker_offset), delivered_marker)
     if not 0 <= progress.marker_offset <= progress.committed:
         raise ValueError(f"invalid offsets {progress.marker_offset}/{progress.committed}")
     return progress

@@ -45,11 +45,16 @@ class DocumentQueue:
             self._bytes += sum(len(d.body) for d in docs)
             self._changed.notify_all()
 
-    async def take(self, max_docs: int, max_bytes: int, linger: float) -> list[Document]:
+    async def take(self, max_docs: int, max_bytes: int, linger: float,
+                   timeout: float | None = None) -> list[Document]:
         """Wait for documents, then up to `linger` seconds for a full batch; return at most
-        `max_docs` documents and `max_bytes` bytes (always at least one document)."""
+        `max_docs` documents and `max_bytes` bytes, at least one unless `timeout` passed first."""
         async with self._changed:
-            await self._changed.wait_for(lambda: bool(self._docs))
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait_for(lambda: bool(self._docs))
+            except TimeoutError:
+                return []
             deadline = time.monotonic() + linger
             while len(self._docs) < max_docs and self._bytes < max_bytes:
                 remaining = deadline - time.monotonic()
@@ -71,3 +76,10 @@ class DocumentQueue:
             self._bytes -= size
             self._changed.notify_all()
             return batch
+
+    def take_all(self) -> list[Document]:
+        """Everything queued, at once (for the spool, at shutdown)."""
+        docs = list(self._docs)
+        self._docs.clear()
+        self._bytes = 0
+        return docs

@@ -1,17 +1,19 @@
-"""Shipping: batches from one database's queue to CouchDB's `_bulk_docs`, retried until safe.
+"""Shipping: batches from one database's queue to CouchDB's `_bulk_docs`, or to the spool.
 
 The decision what each per-document result means is pure
-(`classify_results`); `Shipper` is the I/O shell around it. A batch is done
-only when every one of its documents is acknowledged: stored (`ok`), already
-stored (`conflict`, the answer to a re-sent deterministic `_id`), or refused
-for good and written to the dead-letter file. Everything else is retried,
-forever, with exponential backoff and jitter, failing over between URLs.
+(`classify_results`); `Shipper` is the I/O shell around it. A document is
+acknowledged (its line may be committed) when it is stored (`ok`), already
+stored (`conflict`, the answer to a re-sent deterministic `_id`), refused
+for good and written to the dead-letter file, or fsynced to the spool.
+Spooled documents are retried forever, with exponential backoff and jitter,
+failing over between URLs and coming back to the first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import random
 import time
 from collections import deque
@@ -27,6 +29,7 @@ import structlog
 from agent.config import CouchDBConfig, ShippingConfig
 from agent.deadletter import DeadLetterFile, Rejection
 from agent.queue import DocumentQueue
+from agent.spool import Spool
 from agent.types import Ack, Acknowledge, Document
 
 log = structlog.get_logger("agent.shipper")
@@ -109,21 +112,40 @@ class ShipperStats:
     stored: int = 0
     conflicts: int = 0
     dead_lettered: int = 0
+    spooled: int = 0
     requests: int = 0
     failures: int = 0
     consecutive_failures: int = 0
     last_error: str | None = None
     last_success: float | None = None
+    backpressure: bool = False
+    """The spool is full: reading is paused until CouchDB takes documents again."""
+
+
+class Refused(Exception):
+    """CouchDB could not take a batch now (unreachable, erroring, refusing the credentials)."""
+
+
+FAILBACK_AFTER = 60.0
+"""Seconds on a fallback URL before the first URL is tried again."""
 
 
 class Shipper:
-    """Ships one database's queue; one request in flight at a time keeps acks in file order."""
+    """Ships one database's queue; the spool takes what CouchDB cannot take now.
 
-    def __init__(self, database: str, queue: DocumentQueue, session: aiohttp.ClientSession,
-                 targets: Sequence[Endpoint], couchdb: CouchDBConfig, shipping: ShippingConfig,
-                 acknowledge: Acknowledge, dead_letter: DeadLetterFile) -> None:
+    While CouchDB answers, batches go straight to it, and the spool (if it
+    holds anything) is replayed in turns with new batches, so neither starves.
+    When a request fails, its batch and every batch after it go to the spool
+    (fsynced, then acknowledged) and CouchDB is probed with the oldest spooled
+    batch, with exponential backoff and jitter, until it answers again.
+    """
+
+    def __init__(self, database: str, queue: DocumentQueue, spool: Spool,
+                 session: aiohttp.ClientSession, targets: Sequence[Endpoint], couchdb: CouchDBConfig,
+                 shipping: ShippingConfig, acknowledge: Acknowledge, dead_letter: DeadLetterFile) -> None:
         self.database = database
         self.queue = queue
+        self.spool = spool
         self.session = session
         self.targets = list(targets)
         self.shipping = shipping
@@ -131,44 +153,72 @@ class Shipper:
         self.acknowledge = acknowledge
         self.dead_letter = dead_letter
         self.stats = ShipperStats()
-        self.busy = False
+        self.healthy = True
+        self.in_hand: list[Document] = []
+        """A batch taken from the queue and not yet acknowledged (stored or spooled)."""
         self._target = 0
+        self._since_failover = 0.0
+        self._next_probe = 0.0
+        self._replay_turn = False
         self._path = "/" + quote(database, safe="")
         self.log = log.bind(database=database)
+
+    @property
+    def idle(self) -> bool:
+        return not self.in_hand and len(self.queue) == 0
 
     async def run(self) -> None:
         cfg = self.shipping
         while True:
-            batch = await self.queue.take(cfg.batch_max_docs, cfg.batch_max_bytes, cfg.linger)
-            self.busy = True
-            try:
-                await self.deliver(batch)
-            finally:
-                self.busy = False
-
-    @property
-    def idle(self) -> bool:
-        return not self.busy and len(self.queue) == 0
-
-    async def deliver(self, docs: Sequence[Document]) -> None:
-        """Return once every document of `docs` is acknowledged."""
-        work: deque[list[Document]] = deque([list(docs)])
-        failures = 0
-        while work:
-            batch = work[0]
-            delay = await self._attempt(batch, work)
-            if delay is None:
-                failures = 0
+            if self.spool.pending and self.healthy and self._replay_turn:
+                self._replay_turn = False
+                await self._replay()
                 continue
-            failures += 1
-            self.stats.failures += 1
-            self.stats.consecutive_failures += 1
-            await asyncio.sleep(self._backoff(failures, delay))
-        self.stats.consecutive_failures = 0
+            self._replay_turn = True
+            wait = None if self.healthy else max(0.0, self._next_probe - time.monotonic())
+            batch = await self.queue.take(cfg.batch_max_docs, cfg.batch_max_bytes, cfg.linger, wait)
+            self.in_hand = batch
+            if batch and self.healthy:
+                await self._to_spool(await self._send(batch, replayed=False))
+            elif batch:
+                await self._to_spool(batch)
+            self.in_hand = []
+            if not self.healthy and time.monotonic() >= self._next_probe:
+                await self._replay()
 
-    async def _attempt(self, batch: list[Document], work: deque[list[Document]]) -> float | None:
-        """Send `batch` (the head of `work`) once. Return None on progress, else the minimum
-        backoff before the next try."""
+    async def spool_remaining(self) -> None:
+        """At shutdown, after `run` is cancelled: spool the batch in hand and the queue."""
+        docs = self.in_hand + self.queue.take_all()
+        self.in_hand = []
+        if docs:
+            await self._to_spool(docs, wait=False)
+
+    # -- sending
+
+    async def _send(self, docs: list[Document], replayed: bool) -> list[Document]:
+        """Send `docs`, splitting batches CouchDB refuses as too large or bad; return the
+        documents not settled (on a failure: all that were not sent)."""
+        work: deque[list[Document]] = deque([docs])
+        unsettled: list[Document] = []
+        while work:
+            batch = work.popleft()
+            try:
+                status, payload = await self._post(batch)
+            except Refused:
+                self._went_down()
+                return unsettled + batch + [d for rest in work for d in rest]
+            if status in (400, 413):
+                await self._split(batch, work, f"HTTP {status}", _reason(payload), replayed)
+                continue
+            outcome = classify_results(batch, _json(payload))
+            await self._settle(outcome, replayed)
+            unsettled += outcome.retry
+        self._went_up()
+        return unsettled
+
+    async def _post(self, batch: list[Document]) -> tuple[int, bytes]:
+        """POST one `_bulk_docs`; the answer if it is one to act on, else raise Refused."""
+        self._fail_back()
         target = self.targets[self._target]
         self.stats.requests += 1
         try:
@@ -176,64 +226,116 @@ class Shipper:
                 target.url + self._path + "/_bulk_docs", data=bulk_body(batch),
                 headers={**target.headers, "Content-Type": "application/json"}, timeout=self.timeout,
             ) as response:
-                status = response.status
-                payload = await response.read()
+                status, payload = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._failed(target, "unreachable", f"{type(exc).__name__}: {exc}")
-            self._fail_over()
-            return 0.1
-        if status in (201, 202):
-            progressed = await self._settle(batch, work, _json(payload))
-            return None if progressed else 0.1
+            raise Refused from exc
+        if status in (201, 202, 400, 413):
+            return status, payload
         reason = _reason(payload)
-        if status in (400, 413):
-            await self._split(batch, work, f"HTTP {status}", reason)
-            return None
         if status in (401, 403):
             self._failed(target, "refused", f"HTTP {status} {reason}", loud=True,
                          action="check couchdb.username/password and the database's _security "
-                         "members; data is kept and retried")
-            return self.shipping.retry_max_backoff
-        if status == 404:
-            await self._create_database(target)
-            return 1.0
-        self._failed(target, "server_error", f"HTTP {status} {reason}")
-        if status >= 500:
-            self._fail_over()
-        return 0.1
+                         "members; data is kept (spooled) and retried")
+        elif status == 404:
+            if await self._create_database(target):
+                return await self._post(batch)
+        else:
+            self._failed(target, "server_error", f"HTTP {status} {reason}")
+        raise Refused
 
-    async def _settle(self, batch: list[Document], work: deque[list[Document]],
-                      results: Any) -> bool:
-        """Acknowledge what the answer settles; return whether anything was."""
-        outcome = classify_results(batch, results)
+    async def _settle(self, outcome: Outcome, replayed: bool) -> None:
         if outcome.rejected:
             await self._dead_letter(outcome.rejected)
         done = outcome.stored + outcome.conflicts + [r.doc for r in outcome.rejected]
-        self.acknowledge([Ack(d.file, d.end) for d in done])
+        if not replayed:
+            self.acknowledge([Ack(d.file, d.end) for d in done])
         self.stats.stored += len(outcome.stored)
         self.stats.conflicts += len(outcome.conflicts)
-        self.stats.last_success = time.time()
-        self.stats.consecutive_failures = 0
+        if done:
+            self.stats.last_success = time.time()
         if outcome.retry:
-            work[0] = outcome.retry
-            self.log.warning("documents_retried", count=len(outcome.retry),
-                             first_id=outcome.retry[0].doc_id)
-        else:
-            work.popleft()
-        return bool(done)
+            self.log.warning("documents_not_stored", count=len(outcome.retry),
+                             first_id=outcome.retry[0].doc_id, action="spooled and retried")
 
     async def _split(self, batch: list[Document], work: deque[list[Document]],
-                     error: str, reason: str) -> None:
+                     error: str, reason: str, replayed: bool) -> None:
         """A batch refused as a whole is halved until the document at fault stands alone."""
-        work.popleft()
         if len(batch) == 1:
             await self._dead_letter([Rejection(batch[0], error, reason)])
-            self.acknowledge([Ack(batch[0].file, batch[0].end)])
+            if not replayed:
+                self.acknowledge([Ack(batch[0].file, batch[0].end)])
             return
         half = len(batch) // 2
         work.appendleft(batch[half:])
         work.appendleft(batch[:half])
         self.log.info("batch_split", error=error, reason=reason, size=len(batch))
+
+    # -- the spool
+
+    async def _to_spool(self, docs: list[Document], wait: bool = True) -> None:
+        """Spool `docs` (fsynced) and acknowledge them. While the spool is full, keep them and
+        probe CouchDB: reading stops meanwhile, as the queue fills up (backpressure)."""
+        while docs:
+            if await asyncio.to_thread(self.spool.append, docs):
+                self.stats.spooled += len(docs)
+                self.acknowledge([Ack(d.file, d.end) for d in docs])
+                self._backpressure(False)
+                return
+            self._backpressure(True)
+            if not wait:
+                return
+            await asyncio.sleep(max(0.05, self._next_probe - time.monotonic()))
+            await self._replay()
+            if self.healthy:
+                docs = await self._send(docs, replayed=False)
+
+    async def _replay(self) -> None:
+        """Send the oldest spooled batch; it doubles as the probe while CouchDB is down."""
+        cfg = self.shipping
+        items = await asyncio.to_thread(self.spool.read, cfg.batch_max_docs, cfg.batch_max_bytes)
+        if not items:
+            return
+        unsettled = {id(d) for d in await self._send([i.doc for i in items], replayed=True)}
+        done = list(itertools.takewhile(lambda i: id(i.doc) not in unsettled, items))
+        if done:
+            await asyncio.to_thread(self.spool.commit, done)
+        if self.healthy and not self.spool.pending:
+            self.log.info("spool_replayed", replayed=self.spool.stats.replayed)
+
+    def _backpressure(self, on: bool) -> None:
+        if on != self.stats.backpressure:
+            self.stats.backpressure = on
+            if on:
+                self.log.warning("spool_full", bytes=self.spool.stats.bytes,
+                                 max_bytes=self.spool.max_bytes,
+                                 action="reading paused until CouchDB takes documents again")
+            else:
+                self.log.info("spool_has_room", action="reading resumed")
+
+    # -- health
+
+    def _went_down(self) -> None:
+        self.healthy = False
+        self.stats.failures += 1
+        self.stats.consecutive_failures += 1
+        if len(self.targets) > 1:
+            self._target = (self._target + 1) % len(self.targets)
+            self._since_failover = time.monotonic()
+        ceiling = min(self.shipping.retry_max_backoff, 0.1 * 2 ** min(self.stats.consecutive_failures, 20))
+        self._next_probe = time.monotonic() + random.uniform(ceiling / 2, ceiling)
+
+    def _went_up(self) -> None:
+        if not self.healthy:
+            self.log.info("couchdb_reachable", url=self.targets[self._target].url,
+                          after_failures=self.stats.consecutive_failures,
+                          spooled=self.spool.pending)
+        self.healthy = True
+        self.stats.consecutive_failures = 0
+
+    def _fail_back(self) -> None:
+        if self._target and self.healthy and time.monotonic() - self._since_failover > FAILBACK_AFTER:
+            self._target = 0
 
     async def _dead_letter(self, rejections: list[Rejection]) -> None:
         await asyncio.to_thread(self.dead_letter.append, self.database, rejections)
@@ -242,37 +344,32 @@ class Shipper:
                        error=rejections[0].error, reason=rejections[0].reason,
                        first_id=rejections[0].doc.doc_id, file=str(self.dead_letter.path))
 
-    async def _create_database(self, target: Endpoint) -> None:
+    async def _create_database(self, target: Endpoint) -> bool:
+        """Create the missing database if the agent's user may; True if it exists now."""
         try:
             async with self.session.put(target.url + self._path, headers=target.headers,
                                         timeout=self.timeout) as response:
                 status, reason = response.status, _reason(await response.read())
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._failed(target, "unreachable", f"{type(exc).__name__}: {exc}")
-            return
+            return False
         if status in (201, 202, 412):
             self.log.info("database_created", url=target.url)
-        else:
-            self._failed(target, "database_missing", f"HTTP {status} {reason}", loud=True,
-                         action="create it with 'agent setup' or as a CouchDB admin; "
-                         "data is kept and retried")
+            return True
+        self._failed(target, "database_missing", f"HTTP {status} {reason}", loud=True,
+                     action="create it with 'agent setup' or as a CouchDB admin; "
+                     "data is kept (spooled) and retried")
+        return False
 
     def _failed(self, target: Endpoint, kind: str, error: str, loud: bool = False,
                 action: str | None = None) -> None:
         self.stats.last_error = f"{kind}: {error}"
         first = self.stats.consecutive_failures == 0
         if loud or first:
+            action = action or "documents are spooled and CouchDB is retried with backoff"
             self.log.error("couchdb_" + kind, url=target.url, error=error, action=action)
         else:
             self.log.debug("couchdb_" + kind, url=target.url, error=error)
-
-    def _fail_over(self) -> None:
-        if len(self.targets) > 1:
-            self._target = (self._target + 1) % len(self.targets)
-
-    def _backoff(self, failures: int, minimum: float) -> float:
-        ceiling = min(self.shipping.retry_max_backoff, 0.1 * 2 ** min(failures, 20))
-        return max(minimum, random.uniform(ceiling / 2, ceiling))
 
 
 def _json(payload: bytes) -> Any:

@@ -80,7 +80,7 @@ def test_acks_for_unknown_files_are_ignored() -> None:
 
 def test_prune_forgets_only_released_old_files() -> None:
     store = store_with(A, B)
-    store.detach(A)
+    store.detach(A, 0, None)
     store.files[A].updated = 0
     store.files[B].updated = 0
     assert store.prune(older_than=100) == [A]
@@ -148,3 +148,28 @@ def test_new_generation_replaces_the_old_and_copies_are_found() -> None:
     copy = SourceFile("s", FileId(1, 99, "aaaa"))
     assert store.copies_of(copy) == [rewritten]
     assert store.copies_of(SourceFile("other", FileId(1, 99, "aaaa"))) == []
+
+
+def test_settle_and_rewind_for_a_lost_spool() -> None:
+    store = store_with(A, B)
+    expect(store, A, [], 100)
+    store.settle(["s"])
+    expect(store, A, [150], 150)
+    store.acknowledge([Ack(A, 150)])  # only spooled, say
+    expect(store, B, [], 40)
+    assert committed(store, A) == 150
+    assert store.rewind(["s"]) == [A, B]
+    assert committed(store, A) == 100 and committed(store, B) == 0
+    progress = store.get(A)
+    assert progress is not None and (progress.marker_offset, progress.marker) == (100, "m100")
+
+
+def test_delivered_offsets_survive_the_state_file(tmp_path: Path) -> None:
+    store = store_with(A)
+    expect(store, A, [], 100)
+    store.settle(["s"])
+    expect(store, A, [], 180)
+    state = StateFile(tmp_path)
+    state.save(store.snapshot())
+    loaded, _ = state.load()
+    assert loaded[A].committed == 180 and loaded[A].delivered == (100, 100, "m100")

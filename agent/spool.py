@@ -1,0 +1,306 @@
+"""The disk spool of one database: append-only, checksummed segment files.
+
+Documents go here when CouchDB cannot take them (unreachable, refusing,
+or slower than the logs grow). A batch is appended and fsynced before its
+lines count as acknowledged, so the log offsets may move past them. Once
+CouchDB is back, the spool is replayed in order; a segment is deleted when
+all of it is delivered.
+
+A record is `MAGIC | length (u32) | crc32 (u32) | payload`, the payload being
+`source/file-id <TAB> end-offset <LF>` followed by the document's JSON. A
+torn record at the end of a segment (a crash during a write, before its
+fsync, so its lines were never acknowledged) is dropped; a corrupt record
+elsewhere is skipped by searching for the next MAGIC, and counted. The
+owner of the spool learns of any damage (`damaged`), so that it can read
+the lost lines again from the log files.
+
+All methods block (file I/O and fsync): call them through a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import structlog
+
+from agent.types import Document, SourceFile
+
+MAGIC = b"\xc7CLs"
+HEADER = struct.Struct("<4sII")
+SUFFIX = ".seg"
+WhenFull = Literal["block", "drop_oldest"]
+log = structlog.get_logger("agent.spool")
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledDoc:
+    """A document read back from the spool, and where it sits (for `commit`)."""
+
+    doc: Document
+    segment: int
+    next_offset: int
+
+
+@dataclass(slots=True)
+class SpoolStats:
+    records: int = 0
+    """Records written and not yet delivered."""
+    bytes: int = 0
+    written: int = 0
+    replayed: int = 0
+    corrupt_records: int = 0
+    torn_records: int = 0
+    dropped_records: int = 0
+    full: bool = False
+
+
+@dataclass(slots=True)
+class _Segment:
+    number: int
+    size: int
+    records: int = 0
+    read_offset: int = 0
+    delivered: int = 0
+    corrupt_at: set[int] = field(default_factory=set)
+
+
+class Spool:
+    def __init__(self, folder: Path, max_bytes: int, segment_bytes: int,
+                 when_full: WhenFull = "block") -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.when_full = when_full
+        self.stats = SpoolStats()
+        self.damaged = False
+        """A record was lost to corruption since the spool was opened."""
+        self._segments: list[_Segment] = []
+        self._fd: int | None = None
+        self._cache: tuple[int, bytes] | None = None
+
+    # -- opening
+
+    def open(self) -> None:
+        """Load the segments left by an earlier run, checking every record."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        numbers = sorted(int(p.stem) for p in self.folder.glob(f"*{SUFFIX}") if p.stem.isdigit())
+        for number in numbers:
+            segment = _Segment(number, self._path(number).stat().st_size)
+            valid_end = self._check(segment)
+            if valid_end < segment.size:
+                # A torn tail: those lines were never acknowledged, so they are read again.
+                with open(self._path(number), "r+b") as f:
+                    f.truncate(valid_end)
+                segment.size = valid_end
+            if segment.records == 0:
+                self._path(number).unlink()
+                continue
+            self._segments.append(segment)
+            self.stats.records += segment.records
+            self.stats.bytes += segment.size
+        if self._segments:
+            log.info("spool_loaded", folder=str(self.folder), records=self.stats.records,
+                     bytes=self.stats.bytes, corrupt=self.stats.corrupt_records,
+                     torn=self.stats.torn_records)
+
+    def _check(self, segment: _Segment) -> int:
+        """Count the valid records of a segment; return where its valid data ends."""
+        with open(self._path(segment.number), "rb") as f:
+            data = f.read()
+        offset = valid_end = 0
+        while offset < len(data):
+            record = _parse(data, offset)
+            if record is None:
+                if data.find(MAGIC, offset + 1) < 0:
+                    # Torn by a crash during a write (never acknowledged), or a damaged last
+                    # record (acknowledged): the two cannot be told apart, so read again.
+                    self.stats.torn_records += 1
+                    self.damaged = True
+                    return valid_end
+                segment.corrupt_at.add(offset)
+                self._corrupt(segment, offset)
+                offset = data.find(MAGIC, offset + 1)
+                continue
+            offset = valid_end = offset + HEADER.size + record
+            segment.records += 1
+        return valid_end
+
+    def _corrupt(self, segment: _Segment, offset: int) -> None:
+        self.stats.corrupt_records += 1
+        self.damaged = True
+        log.error("spool_record_corrupt", segment=str(self._path(segment.number)), offset=offset,
+                  action="skipped; its lines are read again from the log files if they still exist")
+
+    # -- writing
+
+    def append(self, docs: Sequence[Document]) -> bool:
+        """Append and fsync `docs`; False (nothing written) if the spool is full."""
+        payloads = [_payload(d) for d in docs]
+        size = sum(HEADER.size + len(p) for p in payloads)
+        if not self._make_room(size):
+            self.stats.full = True
+            return False
+        self.stats.full = False
+        segment = self._active(size)
+        assert self._fd is not None
+        os.write(self._fd, b"".join(
+            HEADER.pack(MAGIC, len(p), zlib.crc32(p)) + p for p in payloads))
+        os.fsync(self._fd)
+        if segment.size == 0 and segment.records == 0:
+            _fsync_folder(self.folder)
+        segment.size += size
+        segment.records += len(docs)
+        self.stats.records += len(docs)
+        self.stats.bytes += size
+        self.stats.written += len(docs)
+        return True
+
+    def _make_room(self, size: int) -> bool:
+        if self.stats.bytes + size <= self.max_bytes or self.stats.bytes == 0:
+            return True
+        if self.when_full == "block":
+            return False
+        while self._segments and self.stats.bytes + size > self.max_bytes:
+            oldest = self._segments[0]
+            dropped = oldest.records - oldest.delivered
+            self._delete(oldest)
+            self.stats.dropped_records += dropped
+            log.warning("spool_dropped_oldest", records=dropped, policy="drop_oldest")
+        return True
+
+    def _active(self, incoming: int) -> _Segment:
+        last = self._segments[-1] if self._segments else None
+        if last is None or self._fd is None or last.size + incoming > self.segment_bytes:
+            self._close_active()
+            number = last.number + 1 if last else 1
+            last = _Segment(number, 0)
+            self._segments.append(last)
+            self._fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return last
+
+    # -- replay
+
+    @property
+    def pending(self) -> int:
+        return self.stats.records
+
+    def read(self, max_docs: int, max_bytes: int) -> list[SpooledDoc]:
+        """The next undelivered documents in order (the same ones again until `commit`)."""
+        out: list[SpooledDoc] = []
+        size = 0
+        for segment in self._segments:
+            data = self._segment_data(segment)
+            at = segment.read_offset
+            while at < len(data) and len(out) < max_docs:
+                length = _parse(data, at)
+                if length is None:
+                    if at not in segment.corrupt_at:
+                        segment.corrupt_at.add(at)
+                        self._corrupt(segment, at)
+                    nxt = data.find(MAGIC, at + 1)
+                    at = len(data) if nxt < 0 else nxt
+                    if not out:
+                        segment.read_offset = at  # nothing undelivered before it
+                    continue
+                if out and size + length > max_bytes:
+                    return out
+                end = at + HEADER.size + length
+                out.append(SpooledDoc(_document(data[at + HEADER.size:end]), segment.number, end))
+                size += length
+                at = end
+            if out:
+                return out
+        self._delete_finished()
+        return out
+
+    def _segment_data(self, segment: _Segment) -> bytes:
+        """The segment's bytes, kept while it is replayed (at most `segment_bytes`)."""
+        cached = self._cache
+        if cached is None or cached[0] != segment.number or len(cached[1]) < segment.size:
+            with open(self._path(segment.number), "rb") as f:
+                cached = (segment.number, f.read(segment.size))
+            self._cache = cached
+        return cached[1]
+
+    def commit(self, delivered: Sequence[SpooledDoc]) -> None:
+        """`delivered` (as returned by `read`) reached CouchDB; delete finished segments."""
+        for item in delivered:
+            segment = self._segment(item.segment)
+            if segment is None:
+                continue
+            segment.read_offset = max(segment.read_offset, item.next_offset)
+            segment.delivered += 1
+            self.stats.records -= 1
+            self.stats.replayed += 1
+        self._delete_finished()
+
+    def _delete_finished(self) -> None:
+        for segment in [s for s in self._segments if s.read_offset >= s.size]:
+            self._delete(segment)
+
+    def _segment(self, number: int) -> _Segment | None:
+        return next((s for s in self._segments if s.number == number), None)
+
+    def _delete(self, segment: _Segment) -> None:
+        if segment is self._segments[-1]:
+            self._close_active()
+        if self._cache is not None and self._cache[0] == segment.number:
+            self._cache = None
+        self._segments.remove(segment)
+        self.stats.bytes -= segment.size
+        self.stats.records -= segment.records - segment.delivered
+        with contextlib.suppress(FileNotFoundError):
+            self._path(segment.number).unlink()
+
+    def _close_active(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        self._close_active()
+
+    def _path(self, number: int) -> Path:
+        return self.folder / f"{number:012d}{SUFFIX}"
+
+
+def _payload(doc: Document) -> bytes:
+    return f"{doc.file}\t{doc.end}\t{doc.doc_id}\n".encode() + doc.body
+
+
+def _document(payload: bytes) -> Document:
+    head, _, body = payload.partition(b"\n")
+    file, end, doc_id = head.decode().split("\t")
+    return Document(doc_id, body, SourceFile.parse(file), int(end))
+
+
+def _parse(data: bytes, at: int) -> int | None:
+    """The payload length of a valid record at `at`, or None."""
+    if at + HEADER.size > len(data):
+        return None
+    magic, length, crc = HEADER.unpack_from(data, at)
+    start = at + HEADER.size
+    if magic != MAGIC or start + length > len(data):
+        return None
+    if zlib.crc32(data[start:start + length]) != crc:
+        return None
+    try:
+        _document(data[start:start + length])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return int(length)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
