@@ -64,6 +64,11 @@ def _arguments() -> argparse.ArgumentParser:
     check.add_argument("--markdown", action="store_true", help="with --keys: as markdown tables")
     check.set_defaults(handler=_check)
 
+    status = command("status", "say whether the agent is healthy and how far behind it is "
+                     "(exit 0 healthy, 1 degraded, 3 not running)")
+    status.add_argument("--json", action="store_true", help="print the raw snapshot")
+    status.set_defaults(handler=_status)
+
     parse = command("parse", "parse lines from files or stdin and print one JSON document "
                     "per kept line; a summary goes to stderr")
     parse.add_argument("files", nargs="*", metavar="FILE", help="input files (default stdin)")
@@ -103,6 +108,20 @@ def _run(args: argparse.Namespace) -> int:
                   action="check that state_dir is writable and the paths are readable")
         return EXIT_FAILURE if agent.started else EXIT_STARTUP
     return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from agent.status import StatusFile, render
+
+    config = config_module.load(_config_path(args))
+    status_file = StatusFile(config.state_dir)
+    snapshot = status_file.read()
+    text, code = render(snapshot, status_file.path)
+    if args.json and snapshot is not None:
+        sys.stdout.buffer.write(orjson.dumps(snapshot, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print(text)
+    return code
 
 
 def _check(args: argparse.Namespace) -> int:

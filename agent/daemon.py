@@ -20,6 +20,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import structlog
@@ -32,6 +33,7 @@ from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
 from agent.shipper import Shipper, endpoints
 from agent.spool import Spool
+from agent.status import StatusFile
 from agent.tailer import TailerSet
 from agent.types import LineSink, RawLine, SourceFile
 from agent.watcher import Watcher
@@ -53,12 +55,15 @@ class Agent:
         self.counters = {s.name: SourceCounters() for s in config.sources}
         self.offsets = OffsetStore()
         self.state_file = StateFile(config.state_dir)
+        self.status_file = StatusFile(config.state_dir)
+        self.started_at = time.time()
         self.queues: dict[str, DocumentQueue] = {}
         self.shippers: dict[str, Shipper] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tailers: TailerSet | None = None
+        self._watcher: Watcher | None = None
 
     async def run(self) -> None:
         with self._capture_signals():
@@ -99,6 +104,7 @@ class Agent:
                                   first_start)
         watcher = Watcher(cfg.sources, self._tailers, cfg.scan_interval, cfg.poll_interval)
         await watcher.start()
+        self._watcher = watcher
         self._spawn("watcher", watcher.run())
         self.started = True
         log.info("agent_started", sources=[s.name for s in cfg.sources], watch=watcher.mode,
@@ -145,7 +151,17 @@ class Agent:
                 self.offsets.settle(sources)
         self.offsets.prune(time.time() - FORGET_AFTER)
         if self.offsets.dirty:
+            await self._save_offsets()
+        await asyncio.to_thread(self.status_file.write, self.status())
+
+    async def _save_offsets(self) -> None:
+        try:
             await asyncio.to_thread(self.state_file.save, self.offsets.snapshot())
+        except OSError as exc:
+            self.offsets.dirty = True
+            log.error("state_save_failed", path=str(self.state_file.path), error=str(exc),
+                      action="free space or fix permissions there; until then a restart reads "
+                      "again from the last saved offsets (nothing is lost or doubled)")
 
     async def shutdown(self) -> None:
         log.info("agent_stopping", force=self.force_exit)
@@ -161,7 +177,7 @@ class Agent:
             await shipper.spool_remaining()
             await asyncio.to_thread(shipper.spool.close)
         await self.on_tick()
-        await asyncio.to_thread(self.state_file.save, self.offsets.snapshot())
+        await self._save_offsets()
         if self._session is not None:
             await self._session.close()
         self._log_progress()
@@ -223,6 +239,28 @@ class Agent:
             self.force_exit = True
         self.should_exit.set()
         log.info("signal_received", signal=signal.Signals(sig).name, force=self.force_exit)
+
+    def status(self) -> dict[str, Any]:
+        """The snapshot `agent status` explains."""
+        files: dict[str, list[dict[str, Any]]] = {s.name: [] for s in self.config.sources}
+        for tailer in self._tailers.live.values() if self._tailers else ():
+            progress = self.offsets.get(tailer.file) if tailer.file else None
+            offset = progress.committed if progress else 0
+            size = max(tailer.seen_size, 0)
+            files[tailer.source.name].append({"path": tailer.path, "offset": offset, "size": size,
+                                              "lag": max(size - offset, 0)})
+        return {
+            "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
+            "watch": self._watcher.mode if self._watcher else "starting",
+            "sources": {name: {"counters": self.counters[name].as_dict(), "files": f}
+                        for name, f in files.items()},
+            "databases": {
+                db: {"healthy": sh.healthy, "queued": len(self.queues[db]),
+                     "spool_records": sh.spool.pending, "spool_bytes": sh.spool.stats.bytes,
+                     **dataclasses.asdict(sh.stats),
+                     "spool": dataclasses.asdict(sh.spool.stats)}
+                for db, sh in self.shippers.items()},
+        }
 
     def _log_progress(self) -> None:
         for name, counters in self.counters.items():

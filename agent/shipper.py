@@ -277,7 +277,7 @@ class Shipper:
         """Spool `docs` (fsynced) and acknowledge them. While the spool is full, keep them and
         probe CouchDB: reading stops meanwhile, as the queue fills up (backpressure)."""
         while docs:
-            if await asyncio.to_thread(self.spool.append, docs):
+            if await self._append(docs):
                 self.stats.spooled += len(docs)
                 self.acknowledge([Ack(d.file, d.end) for d in docs])
                 self._backpressure(False)
@@ -289,6 +289,17 @@ class Shipper:
             await self._replay()
             if self.healthy:
                 docs = await self._send(docs, replayed=False)
+
+    async def _append(self, docs: list[Document]) -> bool:
+        try:
+            return await asyncio.to_thread(self.spool.append, docs)
+        except OSError as exc:
+            if self.stats.last_error != f"spool: {exc}":
+                self.log.error("spool_write_failed", folder=str(self.spool.folder), error=str(exc),
+                               action="free space there (or lower spool.max_bytes); reading "
+                               "pauses meanwhile and nothing is lost")
+            self.stats.last_error = f"spool: {exc}"
+            return False
 
     async def _replay(self) -> None:
         """Send the oldest spooled batch; it doubles as the probe while CouchDB is down."""

@@ -20,6 +20,7 @@ All methods block (file I/O and fsync): call them through a thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 import zlib
@@ -141,7 +142,8 @@ class Spool:
     # -- writing
 
     def append(self, docs: Sequence[Document]) -> bool:
-        """Append and fsync `docs`; False (nothing written) if the spool is full."""
+        """Append and fsync `docs`; False (nothing written) if the spool is full. An OSError
+        (no space left, say) also leaves nothing written."""
         payloads = [_payload(d) for d in docs]
         size = sum(HEADER.size + len(p) for p in payloads)
         if not self._make_room(size):
@@ -150,9 +152,17 @@ class Spool:
         self.stats.full = False
         segment = self._active(size)
         assert self._fd is not None
-        os.write(self._fd, b"".join(
-            HEADER.pack(MAGIC, len(p), zlib.crc32(p)) + p for p in payloads))
-        os.fsync(self._fd)
+        try:
+            data = b"".join(HEADER.pack(MAGIC, len(p), zlib.crc32(p)) + p for p in payloads)
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, "short write to the spool")
+            os.fsync(self._fd)
+        except OSError:
+            # Leave no partial record behind (the disk may be full): cut back and give up.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, segment.size)
+            raise
         if segment.size == 0 and segment.records == 0:
             _fsync_folder(self.folder)
         segment.size += size

@@ -1,0 +1,107 @@
+"""A small HTTP proxy in front of the real test server that injects faults on request.
+
+Modes: "pass" (forward), "reset" (drop the connection), "stall" (never answer),
+"500" (answer an error), "slow" (forward after a delay), "413" (refuse bodies
+over `max_body` bytes, forward the rest), "flap" (pick one of those per request).
+It runs on its own event loop in a thread, so a test can flip modes while the
+agent runs in another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from typing import Literal
+
+from aiohttp import ClientSession, ClientTimeout, web
+
+Mode = Literal["pass", "reset", "stall", "500", "slow", "413", "flap"]
+FLAP = ("pass", "pass", "pass", "reset", "500", "stall", "slow", "413")
+HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, seed: int = 0) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.mode: Mode = "pass"
+        self.max_body = 64 * 1024
+        self.delay = 0.3
+        self.requests = 0
+        self.faults = 0
+        self.port = 0
+        self._random = random.Random(seed)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._stop: asyncio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def set(self, mode: Mode) -> None:
+        self.mode = mode
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with ClientSession(timeout=ClientTimeout(total=60)) as session:
+            app = web.Application(client_max_size=1 << 30)
+            app.router.add_route("*", "/{tail:.*}", lambda r: self._handle(r, session))
+            runner = web.AppRunner(app, handle_signals=False, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self._ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+
+    async def _handle(self, request: web.Request, session: ClientSession) -> web.StreamResponse:
+        self.requests += 1
+        body = await request.read()
+        mode = self.mode if self.mode != "flap" else self._random.choice(FLAP)
+        if mode == "413" and len(body) <= self.max_body:
+            mode = "pass"
+        if mode != "pass":
+            self.faults += 1
+        if mode == "reset":
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)
+        if mode == "stall":
+            await asyncio.sleep(3600)
+        if mode == "500":
+            return web.json_response({"error": "internal_server_error", "reason": "injected"},
+                                     status=500)
+        if mode == "413":
+            return web.json_response({"error": "too_large", "reason": "injected"}, status=413)
+        if mode == "slow":
+            await asyncio.sleep(self.delay)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        async with session.request(request.method, self.upstream + request.path_qs, data=body,
+                                   headers=headers) as upstream:
+            payload = await upstream.read()
+            out_headers = {k: v for k, v in upstream.headers.items()
+                           if k.lower() not in HOP_HEADERS | {"content-encoding"}}
+            return web.Response(status=upstream.status, body=payload, headers=out_headers)
