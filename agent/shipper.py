@@ -175,7 +175,10 @@ class Shipper:
                 await self._replay()
                 continue
             self._replay_turn = True
-            wait = None if self.healthy else max(0.0, self._next_probe - time.monotonic())
+            if self.healthy:
+                wait = 0.0 if self.spool.pending else None
+            else:
+                wait = max(0.0, self._next_probe - time.monotonic())
             batch = await self.queue.take(cfg.batch_max_docs, cfg.batch_max_bytes, cfg.linger, wait)
             self.in_hand = batch
             if batch and self.healthy:

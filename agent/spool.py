@@ -156,7 +156,7 @@ class Spool:
             data = b"".join(HEADER.pack(MAGIC, len(p), zlib.crc32(p)) + p for p in payloads)
             written = os.write(self._fd, data)
             if written != len(data):
-                raise OSError(errno.ENOSPC, "short write to the spool")
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write)")
             os.fsync(self._fd)
         except OSError:
             # Leave no partial record behind (the disk may be full): cut back and give up.

@@ -49,10 +49,10 @@ class AgentProcess:
         self.config = config
         self.log_path = config.parent / "agent.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self._starts = 0
+        self._log_mark = 0
 
     def start(self) -> AgentProcess:
-        self._starts += 1
+        self._log_mark = len(self.log())
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
@@ -62,8 +62,9 @@ class AgentProcess:
 
     def wait_started(self, timeout: float = 30.0) -> None:
         """Until the agent logged `agent_started` (its first scan is done) since the last start."""
-        wait_for(lambda: self.log().count('"agent_started"') >= self._starts, timeout,
-                 "the agent to start")
+        wait_for(lambda: '"agent_started"' in self.log()[self._log_mark:] or not self.running(),
+                 timeout, "the agent to start")
+        assert self.running(), f"the agent exited at start:\n{self.log()[self._log_mark:]}"
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, as systemd stops it; return the exit code."""

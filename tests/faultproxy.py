@@ -13,6 +13,7 @@ import asyncio
 import random
 import threading
 from typing import Literal
+from urllib.parse import urlsplit
 
 from aiohttp import ClientSession, ClientTimeout, web
 
@@ -23,7 +24,9 @@ HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 
 class FaultProxy:
     def __init__(self, upstream: str, seed: int = 0) -> None:
-        self.upstream = upstream.rstrip("/")
+        parts = urlsplit(upstream)
+        # The agent sends its own credentials; the proxy only forwards them.
+        self.upstream = f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path.rstrip('/')}"
         self.mode: Mode = "pass"
         self.max_body = 64 * 1024
         self.delay = 0.3
@@ -67,7 +70,10 @@ class FaultProxy:
         self._stop = asyncio.Event()
         async with ClientSession(timeout=ClientTimeout(total=60)) as session:
             app = web.Application(client_max_size=1 << 30)
-            app.router.add_route("*", "/{tail:.*}", lambda r: self._handle(r, session))
+            async def handle(request: web.Request) -> web.StreamResponse:
+                return await self._handle(request, session)
+
+            app.router.add_route("*", "/{tail:.*}", handle)
             runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)

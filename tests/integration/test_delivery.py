@@ -1,0 +1,243 @@
+"""The delivery torture suite: kill -9, a backend that goes down, flaps, refuses or fills the spool,
+corrupted spool and state files, and a full disk. Every test ends with the exact multiset of
+documents in the database against the lines written."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from tests.agentproc import wait_for
+from tests.couch import CouchDB
+from tests.faultproxy import FaultProxy
+from tests.integration.harness import Pipeline, append, numbered
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def proxy(couchdb_url: str) -> Iterator[FaultProxy]:
+    with FaultProxy(couchdb_url, seed=4) as running:
+        yield running
+
+
+def through(proxy: FaultProxy, couchdb_url: str) -> str:
+    """`couchdb_url` with its credentials, pointed at the proxy."""
+    parts = urlsplit(couchdb_url)
+    auth = f"{parts.username}:{parts.password}@" if parts.username else ""
+    return urlunsplit((parts.scheme, f"{auth}127.0.0.1:{proxy.port}", parts.path, "", ""))
+
+
+def flow_via(proxy: FaultProxy, tmp_path: Path, couch: CouchDB, couchdb_url: str, database: str,
+             logs: Path, **main: object) -> Pipeline:
+    settings: dict[str, object] = {"couchdb": {"request_timeout": "1s"},
+                                   "shipping": {"batch_max_docs": 300, "retry_max_backoff": "500ms"}}
+    for key, value in main.items():
+        settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value  # type: ignore[dict-item]
+    return Pipeline(tmp_path, couch, through(proxy, couchdb_url), database,
+                    [{"name": "app", "paths": [str(logs / "app.log*")], "exclude_paths": ["*.gz"]}],
+                    **settings)
+
+
+@pytest.fixture
+def logs(tmp_path: Path) -> Path:
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    return folder
+
+
+class Writer(threading.Thread):
+    """Writes lines at a steady rate, rotating by rename now and then, until stopped."""
+
+    def __init__(self, logs: Path, prefix: str, rate: int = 4000, rotate_every: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.logs, self.prefix, self.rate, self.rotate_every = logs, prefix, rate, rotate_every
+        self.written: Counter[str] = Counter()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        path = self.logs / "app.log"
+        started = next_rotation = time.monotonic()
+        n = rotations = 0
+        while not self._halt.is_set():
+            lines = numbered(self.prefix, n, self.rate // 20)
+            self.written += append(path, lines)
+            n += len(lines)
+            if self.rotate_every and time.monotonic() - next_rotation >= self.rotate_every:
+                rotations += 1
+                os.rename(path, self.logs / f"app.log.{self.prefix}.{rotations}")
+                next_rotation = time.monotonic()
+            delay = started + n / self.rate - time.monotonic()
+            if delay > 0:
+                self._halt.wait(delay)
+
+    def stop(self) -> Counter[str]:
+        self._halt.set()
+        self.join(10)
+        return self.written
+
+
+def agent_status(flow: Pipeline, *args: str) -> tuple[int, str]:
+    result = subprocess.run([sys.executable, "-m", "agent", "status", "-c", str(flow.config), *args],
+                            capture_output=True, text=True, timeout=30)
+    return result.returncode, result.stdout
+
+
+def spooled_bytes(flow: Pipeline) -> int:
+    folder = flow.config.parent / "state" / "spool"
+    return sum(p.stat().st_size for p in folder.rglob("*.seg")) if folder.exists() else 0
+
+
+def test_a_kill_9_at_random_moments_during_heavy_shipping(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
+        proxy: FaultProxy) -> None:
+    rng = random.Random(20)
+    written = append(logs / "app.log", numbered("backlog", 0, 30000))
+    flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs)
+    writer = Writer(logs, "live", rate=3000)
+    writer.start()
+    try:
+        for kill in range(20):
+            # Every other run the backend misbehaves, so kills also land in spool writes and replays.
+            proxy.set("flap" if kill % 2 else "pass")
+            flow.agent.start()
+            time.sleep(rng.uniform(0.3, 1.2))
+            flow.agent.kill()
+    finally:
+        written += writer.stop()
+    proxy.set("pass")
+    flow.start()
+    flow.wait_for(written, timeout=120)
+    flow.stop()
+
+
+def test_b_backend_down_during_writing_and_rotation_then_back(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
+        proxy: FaultProxy) -> None:
+    flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs).start()
+    writer = Writer(logs, "down", rate=4000, rotate_every=0.7)
+    writer.start()
+    time.sleep(0.5)
+    proxy.set("reset")
+    wait_for(lambda: spooled_bytes(flow) > 100_000, 30, "documents to be spooled")
+    time.sleep(1.0)
+    code, text = agent_status(flow)
+    assert code == 1 and "CouchDB not reachable" in text, text
+    proxy.set("pass")
+    written = writer.stop()
+    flow.wait_for(written, timeout=120)
+    wait_for(lambda: spooled_bytes(flow) == 0, 30, "the spool to drain")
+    flow.stop()
+
+
+def test_c_backend_flapping(tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str,
+                            database: str, proxy: FaultProxy) -> None:
+    proxy.max_body = 40_000
+    flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs).start()
+    proxy.set("flap")
+    writer = Writer(logs, "flap", rate=3000, rotate_every=1.5)
+    writer.start()
+    time.sleep(6)
+    written = writer.stop()
+    assert proxy.faults > 10
+    proxy.set("pass")
+    flow.wait_for(written, timeout=120)
+    flow.stop()
+    assert '"batch_split"' in flow.agent.log()
+
+
+def test_d_spool_cap_reached_pauses_reading_and_loses_nothing(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
+        proxy: FaultProxy) -> None:
+    cap = 256 * 1024
+    proxy.set("reset")
+    written = append(logs / "app.log", numbered("capped", 0, 40000))
+    flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs,
+                    spool={"max_bytes": cap, "segment_bytes": 64 * 1024},
+                    shipping={"queue_max_docs": 500}).start()
+    wait_for(lambda: '"spool_full"' in flow.agent.log(), 30, "the spool to fill up")
+    time.sleep(1)
+    assert spooled_bytes(flow) <= cap
+    code, text = agent_status(flow)
+    assert code == 1 and "spool full, reading paused" in text, text
+    snapshot = json.loads(agent_status(flow, "--json")[1])
+    assert snapshot["databases"][database]["backpressure"] is True
+    assert sum(f["lag"] for f in snapshot["sources"]["app"]["files"]) > 0
+    proxy.set("pass")
+    flow.wait_for(written, timeout=120)
+    flow.stop()
+
+
+def test_e_corrupted_spool_segments_and_state_file(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
+        proxy: FaultProxy) -> None:
+    proxy.set("reset")
+    flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs,
+                    spool={"segment_bytes": 32 * 1024}).start()
+    written = append(logs / "app.log", numbered("spooled", 0, 5000))
+    wait_for(lambda: spooled_bytes(flow) > 200_000, 30, "documents to be spooled")
+    flow.stop()
+    segments = sorted((flow.config.parent / "state" / "spool").rglob("*.seg"))
+    assert len(segments) >= 3
+    middle = bytearray(segments[1].read_bytes())
+    for at in range(100, len(middle), 997):
+        middle[at] ^= 0x5A
+    segments[1].write_bytes(bytes(middle))
+    with segments[-1].open("r+b") as f:
+        f.truncate(segments[-1].stat().st_size - 10)
+    proxy.set("pass")
+    flow.start()
+    flow.wait_for(written)
+    assert '"spool_lost_documents"' in flow.agent.log()
+    flow.stop()
+
+    written += append(logs / "app.log", numbered("after", 0, 1000))
+    (flow.config.parent / "state" / "offsets.json").write_bytes(b'{"version": 1, "files": [tru')
+    flow.start()
+    flow.wait_for(written)
+    assert '"state_file_corrupt"' in flow.agent.log()
+    flow.stop()
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs when this machine lets us mount one (root); else skip."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_f_no_space_left_for_the_spool(tmp_path: Path, logs: Path, couch: CouchDB,
+                                       couchdb_url: str, database: str, proxy: FaultProxy,
+                                       tiny_filesystem: Path) -> None:
+    proxy.set("reset")
+    flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs,
+                    state_dir=str(tiny_filesystem / "state"),
+                    spool={"segment_bytes": 64 * 1024}).start()
+    written = append(logs / "app.log", numbered("nospace", 0, 30000))
+    wait_for(lambda: '"spool_write_failed"' in flow.agent.log(), 30, "the disk to fill up")
+    time.sleep(2)
+    assert flow.agent.running(), "the agent must not exit on a full disk"
+    assert "No space left on device" in flow.agent.log()
+    proxy.set("pass")
+    flow.wait_for(written, timeout=120)
+    flow.stop()
