@@ -74,7 +74,7 @@ class FaultProxy:
                 return await self._handle(request, session)
 
             app.router.add_route("*", "/{tail:.*}", handle)
-            runner = web.AppRunner(app, handle_signals=False, access_log=None)
+            runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
