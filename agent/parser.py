@@ -116,7 +116,9 @@ class SourceParser:
         if line.truncated:
             meta["truncated"] = True
         body = {"_id": doc_id, **parsed.fields, self._meta_key: meta}
-        return Document(doc_id, orjson.dumps(body), context.file, line.end)
+        # orjson returns its whole output buffer (4 KiB for a 300-byte document): copy it to its
+        # size, or a full queue holds ten times the memory its byte cap says.
+        return Document(doc_id, bytes(memoryview(orjson.dumps(body))), context.file, line.end)
 
     def _decode(self, data: bytes) -> str:
         try:

@@ -17,28 +17,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.pouchdb_server import PouchDBServer  # noqa: E402
+from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
 from tests.agentproc import write_config  # noqa: E402
 from tests.couch import CouchDB  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    status = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {line.split(":")[0]: int(line.split()[1]) for line in status
-            if line.startswith(("VmRSS", "VmHWM"))}
 
 
 def run(url: str, work: Path, files: int, seconds: float) -> dict[str, float]:
@@ -65,14 +52,14 @@ def run(url: str, work: Path, files: int, seconds: float) -> dict[str, float]:
         before = cpu_seconds(agent.pid)
         time.sleep(seconds)
         idle = cpu_seconds(agent.pid) - before
-        memory = memory_kib(agent.pid)
+        memory = memory_mib(agent.pid)
         fds = len(os.listdir(f"/proc/{agent.pid}/fd"))
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=60)
         couch.delete_db(database)
     return {"files": files, "idle_cpu_s": idle, "idle_seconds": seconds,
-            "rss_mib": memory["VmRSS"] / 1024, "peak_rss_mib": memory["VmHWM"] / 1024, "fds": fds}
+            "rss_mib": memory["VmRSS"], "peak_rss_mib": memory["VmHWM"], "fds": fds}
 
 
 def main() -> int:

@@ -1,0 +1,85 @@
+"""Memory while CouchDB is unreachable: 1M lines read into the disk spool, peak RSS measured.
+
+The agent follows a generated fail2ban log (the seed's filter and schema) with its only
+CouchDB URL on a closed port, so every document goes to the spool. Reports the agent's peak
+resident memory (VmHWM) and how long it took to spool everything.
+
+    .venv/bin/python bench/dead_backend.py [--lines 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.fail2ban_log import SEED_SCHEMA  # noqa: E402
+from bench.parse_speed import workload  # noqa: E402
+from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
+from tests.agentproc import write_config  # noqa: E402
+
+EXTRA: dict = {}
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    args = parser.parse_args()
+    log = workload(args.lines)
+    kept = sum(1 for line in log.open() if "NOTICE" in line and "Ban" in line)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        config = write_config(work / "etc", f"http://127.0.0.1:{closed_port()}", [{
+            "name": "fail2ban", "paths": [str(log)], "include": ["NOTICE", "Ban"],
+            "schema": SEED_SCHEMA, "fields": {"machine": "server"}}],
+            spool={"max_bytes": "4GiB"}, log={"level": "warning"}, **EXTRA)
+        started = time.monotonic()
+        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
+                                 stderr=open(work / "agent.log", "wb"))  # noqa: SIM115
+        status = work / "etc" / "state" / "status.json"
+        spooled = 0
+        try:
+            while spooled < kept:
+                time.sleep(0.5)
+                if agent.poll() is not None:
+                    raise SystemExit((work / "agent.log").read_text()[-2000:])
+                if status.exists():
+                    try:
+                        snapshot = json.loads(status.read_text())
+                    except ValueError:
+                        continue
+                    spooled = sum(d["spool_records"] for d in snapshot["databases"].values())
+            elapsed = time.monotonic() - started
+            memory = memory_mib(agent.pid)
+            cpu = cpu_seconds(agent.pid)
+            spool_bytes = sum(p.stat().st_size for p in (work / "etc/state/spool").rglob("*.seg"))
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=120)
+    result = {"lines": args.lines, "documents_spooled": spooled, "seconds": round(elapsed, 1),
+              "cpu_s": round(cpu, 1), "peak_rss_mib": round(memory["VmHWM"], 1),
+              "rss_mib": round(memory["VmRSS"], 1), "spool_mib": round(spool_bytes / 2**20, 1)}
+    print(json.dumps(result))
+    print(f"{args.lines} lines with CouchDB down: {spooled} documents spooled "
+          f"({result['spool_mib']} MiB) in {result['seconds']} s; peak RSS {result['peak_rss_mib']} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
