@@ -62,6 +62,7 @@ class CouchDBConfig:
     username: str | None
     password: str | None
     request_timeout: float
+    failback_after: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +295,8 @@ MAIN_KEYS: tuple[Key, ...] = (
         "(first line), instead of couchdb.password"),
     Key("couchdb.request_timeout", _duration, 30.0, "seconds before a request is abandoned "
         "and retried"),
+    Key("couchdb.failback_after", _duration, 60.0, "seconds on a fallback URL before the first "
+        "URL is tried again"),
     Key("state_dir", _string, "/var/lib/couchlog", "folder for the offsets state file, the "
         "spool and the dead-letter file"),
     Key("sources_dir", _string, "conf.d", "folder of source files (*.yaml), "
@@ -492,7 +495,8 @@ def _couchdb(main: _Reader, base: Path) -> CouchDBConfig:
         missing = "couchdb.password" if password is None else "couchdb.username"
         main.problem(missing, "couchdb.username and a password go together; set both or neither")
     return CouchDBConfig(urls=main["couchdb.url"] or (), username=main["couchdb.username"],
-                         password=password, request_timeout=main["couchdb.request_timeout"])
+                         password=password, request_timeout=main["couchdb.request_timeout"],
+                         failback_after=main["couchdb.failback_after"])
 
 
 def _load_sources(folder: Path, problems: list[Problem]) -> tuple[SourceConfig, ...]:

@@ -107,6 +107,7 @@ class Agent:
         self._watcher = watcher
         self._spawn("watcher", watcher.run())
         self.started = True
+        await asyncio.to_thread(self.status_file.write, self.status())
         log.info("agent_started", sources=[s.name for s in cfg.sources], watch=watcher.mode,
                  state=status,
                  databases=sorted(self.queues), state_dir=str(cfg.state_dir),

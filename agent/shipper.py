@@ -126,10 +126,6 @@ class Refused(Exception):
     """CouchDB could not take a batch now (unreachable, erroring, refusing the credentials)."""
 
 
-FAILBACK_AFTER = 60.0
-"""Seconds on a fallback URL before the first URL is tried again."""
-
-
 class Shipper:
     """Ships one database's queue; the spool takes what CouchDB cannot take now.
 
@@ -150,6 +146,7 @@ class Shipper:
         self.targets = list(targets)
         self.shipping = shipping
         self.timeout = aiohttp.ClientTimeout(total=couchdb.request_timeout)
+        self.failback_after = couchdb.failback_after
         self.acknowledge = acknowledge
         self.dead_letter = dead_letter
         self.stats = ShipperStats()
@@ -336,6 +333,7 @@ class Shipper:
         if len(self.targets) > 1:
             self._target = (self._target + 1) % len(self.targets)
             self._since_failover = time.monotonic()
+            self.log.warning("couchdb_failover", url=self.targets[self._target].url)
         ceiling = min(self.shipping.retry_max_backoff, 0.1 * 2 ** min(self.stats.consecutive_failures, 20))
         self._next_probe = time.monotonic() + random.uniform(ceiling / 2, ceiling)
 
@@ -348,8 +346,9 @@ class Shipper:
         self.stats.consecutive_failures = 0
 
     def _fail_back(self) -> None:
-        if self._target and self.healthy and time.monotonic() - self._since_failover > FAILBACK_AFTER:
+        if self._target and self.healthy and time.monotonic() - self._since_failover > self.failback_after:
             self._target = 0
+            self.log.info("couchdb_failback", url=self.targets[0].url)
 
     async def _dead_letter(self, rejections: list[Rejection]) -> None:
         await asyncio.to_thread(self.dead_letter.append, self.database, rejections)

@@ -94,7 +94,17 @@ class Spool:
         numbers = sorted(int(p.stem) for p in self.folder.glob(f"*{SUFFIX}") if p.stem.isdigit())
         for number in numbers:
             segment = _Segment(number, self._path(number).stat().st_size)
-            valid_end = self._check(segment)
+            try:
+                valid_end = self._check(segment)
+            except OSError as exc:
+                aside = self._path(number).with_suffix(".unreadable")
+                log.error("spool_segment_unreadable", segment=str(self._path(number)),
+                          error=str(exc), moved_to=str(aside),
+                          action="its lines are read again from the log files if they still exist")
+                self.damaged = True
+                with contextlib.suppress(OSError):
+                    self._path(number).rename(aside)
+                continue
             if valid_end < segment.size:
                 # A torn tail: those lines were never acknowledged, so they are read again.
                 with open(self._path(number), "r+b") as f:

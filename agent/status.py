@@ -92,6 +92,9 @@ def render(snapshot: dict[str, Any] | None, path: Path, now: float | None = None
             problems.append(f"{name}: {db['last_error'] or 'CouchDB not reachable'}")
         if db["backpressure"]:
             problems.append(f"{name}: spool full, reading paused")
+        if db["spool"]["dropped_records"]:
+            problems.append(f"{name}: spool full, {db['spool']['dropped_records']} document(s) "
+                            "dropped by when_full: drop_oldest")
         if db["dead_lettered"]:
             problems.append(f"{name}: {db['dead_lettered']} document(s) refused, see dead-letter.jsonl")
         success = "never" if db["last_success"] is None else f"{_ago(now - db['last_success'])} ago"

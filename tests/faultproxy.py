@@ -1,7 +1,7 @@
 """A small HTTP proxy in front of the real test server that injects faults on request.
 
 Modes: "pass" (forward), "reset" (drop the connection), "stall" (never answer),
-"500" (answer an error), "slow" (forward after a delay), "413" (refuse bodies
+"500" (answer an error), "401" (refuse the credentials), "slow" (forward after a delay), "413" (refuse bodies
 over `max_body` bytes, forward the rest), "flap" (pick one of those per request).
 It runs on its own event loop in a thread, so a test can flip modes while the
 agent runs in another process.
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import ClientSession, ClientTimeout, web
 
-Mode = Literal["pass", "reset", "stall", "500", "slow", "413", "flap"]
+Mode = Literal["pass", "reset", "stall", "500", "slow", "413", "401", "flap"]
 FLAP = ("pass", "pass", "pass", "reset", "500", "stall", "slow", "413")
 HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 
@@ -97,6 +97,8 @@ class FaultProxy:
             return web.Response(status=500)
         if mode == "stall":
             await asyncio.sleep(3600)
+        if mode == "401":
+            return web.json_response({"error": "unauthorized", "reason": "injected"}, status=401)
         if mode == "500":
             return web.json_response({"error": "internal_server_error", "reason": "injected"},
                                      status=500)

@@ -133,8 +133,8 @@ def test_b_backend_down_during_writing_and_rotation_then_back(
     proxy.set("reset")
     wait_for(lambda: spooled_bytes(flow) > 100_000, 30, "documents to be spooled")
     time.sleep(1.0)
-    code, text = agent_status(flow)
-    assert code == 1 and "CouchDB not reachable" in text, text
+    wait_for(lambda: "CouchDB not reachable" in agent_status(flow)[1], 10, "status to say so")
+    assert agent_status(flow)[0] == 1
     proxy.set("pass")
     written = writer.stop()
     flow.wait_for(written, timeout=120)
@@ -170,8 +170,8 @@ def test_d_spool_cap_reached_pauses_reading_and_loses_nothing(
     wait_for(lambda: '"spool_full"' in flow.agent.log(), 30, "the spool to fill up")
     time.sleep(1)
     assert spooled_bytes(flow) <= cap
-    code, text = agent_status(flow)
-    assert code == 1 and "spool full, reading paused" in text, text
+    wait_for(lambda: "spool full, reading paused" in agent_status(flow)[1], 10, "status to say so")
+    assert agent_status(flow)[0] == 1
     snapshot = json.loads(agent_status(flow, "--json")[1])
     assert snapshot["databases"][database]["backpressure"] is True
     assert sum(f["lag"] for f in snapshot["sources"]["app"]["files"]) > 0
@@ -240,4 +240,67 @@ def test_f_no_space_left_for_the_spool(tmp_path: Path, logs: Path, couch: CouchD
     assert "No space left on device" in flow.agent.log()
     proxy.set("pass")
     flow.wait_for(written, timeout=120)
+    flow.stop()
+
+
+def test_documents_couchdb_refuses_go_to_the_dead_letter_file(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
+        proxy: FaultProxy) -> None:
+    status, body = couch.request("PUT", f"/{database}/_design/guard", {
+        "validate_doc_update": "function (doc) { if (doc.msg && doc.msg.indexOf('secret') === 0) "
+                               "{ throw({forbidden: 'no secrets here'}); } }"})
+    assert status in (201, 202), body
+    lines = [f"{'secret' if n % 10 == 0 else 'public'} line {n}" for n in range(500)]
+    flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs).start()
+    written = append(logs / "app.log", lines)
+    public = Counter({k: v for k, v in written.items() if k.startswith("public")})
+    flow.wait_for(public)
+    dead = flow.config.parent / "state" / "dead-letter.jsonl"
+    wait_for(lambda: dead.exists() and len(dead.read_text().splitlines()) == 50, 30,
+             "50 dead letters")
+    records = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert {r["error"] for r in records} == {"forbidden"}
+    assert {r["reason"] for r in records} == {"no secrets here"}
+    assert sorted(r["doc"]["msg"] for r in records) == sorted(k for k in written if k[0] == "s")
+    wait_for(lambda: "50 document(s) refused" in agent_status(flow)[1], 10, "status to say so")
+    assert agent_status(flow)[0] == 1
+    flow.stop()
+    flow.start()
+    flow.wait_for(public)
+    flow.stop()
+    assert len(dead.read_text().splitlines()) == 50, "refused documents were sent again"
+
+
+def test_refused_credentials_keep_the_data_and_say_so(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
+        proxy: FaultProxy) -> None:
+    proxy.set("401")
+    flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs).start()
+    written = append(logs / "app.log", numbered("refused", 0, 2000))
+    wait_for(lambda: '"couchdb_refused"' in flow.agent.log(), 30, "the refusal to be reported")
+    wait_for(lambda: "HTTP 401" in agent_status(flow)[1], 10, "status to say so")
+    assert agent_status(flow)[0] == 1
+    assert "check couchdb.username/password" in flow.agent.log()
+    proxy.set("pass")
+    flow.wait_for(written, timeout=90)
+    flow.stop()
+
+
+def test_fails_over_to_the_next_url_and_comes_back(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
+        proxy: FaultProxy) -> None:
+    proxy.set("reset")
+    flow = Pipeline(tmp_path, couch, through(proxy, couchdb_url), database,
+                    [{"name": "app", "paths": [str(logs / "app.log")]}],
+                    couchdb={"url": [through(proxy, couchdb_url), couchdb_url],
+                             "request_timeout": "1s", "failback_after": "1s"}).start()
+    written = append(logs / "app.log", numbered("failover", 0, 1000))
+    flow.wait_for(written)
+    assert '"couchdb_failover"' in flow.agent.log()
+    proxy.set("pass")
+    requests = proxy.requests
+    time.sleep(1.5)
+    written += append(logs / "app.log", numbered("failback", 0, 1000))
+    flow.wait_for(written)
+    assert '"couchdb_failback"' in flow.agent.log() and proxy.requests > requests
     flow.stop()
