@@ -42,6 +42,8 @@ log = structlog.get_logger("agent.daemon")
 
 TICK_SECONDS = 1.0
 PROGRESS_EVERY = 60.0
+STATUS_FILES = 10
+"""Files listed by name in the status snapshot: the ones furthest behind."""
 FORGET_AFTER = 24 * 3600.0
 """Offsets of a file no tailer follows are kept this long, then pruned."""
 
@@ -64,6 +66,8 @@ class Agent:
         self._session: aiohttp.ClientSession | None = None
         self._tailers: TailerSet | None = None
         self._watcher: Watcher | None = None
+        self._settled: set[str] = set()
+        """Databases whose spool was empty at the last tick, their offsets settled."""
 
     async def run(self) -> None:
         with self._capture_signals():
@@ -148,8 +152,11 @@ class Agent:
         """All periodic work: note what is all in CouchDB, write offsets that moved, forget
         long-gone files."""
         for database, sources in self._sources_by_database().items():
-            if not self.shippers[database].spool.pending:
+            if self.shippers[database].spool.pending:
+                self._settled.discard(database)
+            elif self.offsets.dirty or database not in self._settled:
                 self.offsets.settle(sources)
+                self._settled.add(database)
         self.offsets.prune(time.time() - FORGET_AFTER)
         if self.offsets.dirty:
             await self._save_offsets()
@@ -242,19 +249,24 @@ class Agent:
         log.info("signal_received", signal=signal.Signals(sig).name, force=self.force_exit)
 
     def status(self) -> dict[str, Any]:
-        """The snapshot `agent status` explains."""
-        files: dict[str, list[dict[str, Any]]] = {s.name: [] for s in self.config.sources}
+        """The snapshot `agent status` explains (small: it is written every second)."""
+        sources: dict[str, dict[str, Any]] = {
+            s.name: {"counters": self.counters[s.name].as_dict(), "files": 0, "lag": 0, "behind": []}
+            for s in self.config.sources}
         for tailer in self._tailers.live.values() if self._tailers else ():
             progress = self.offsets.get(tailer.file) if tailer.file else None
-            offset = progress.committed if progress else 0
-            size = max(tailer.seen_size, 0)
-            files[tailer.source.name].append({"path": tailer.path, "offset": offset, "size": size,
-                                              "lag": max(size - offset, 0)})
+            lag = max(tailer.seen_size - (progress.committed if progress else 0), 0)
+            entry = sources[tailer.source.name]
+            entry["files"] += 1
+            entry["lag"] += lag
+            if lag:
+                entry["behind"].append({"path": tailer.path, "lag": lag})
+        for entry in sources.values():
+            entry["behind"] = sorted(entry["behind"], key=lambda f: -f["lag"])[:STATUS_FILES]
         return {
             "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
             "watch": self._watcher.mode if self._watcher else "starting",
-            "sources": {name: {"counters": self.counters[name].as_dict(), "files": f}
-                        for name, f in files.items()},
+            "sources": sources,
             "databases": {
                 db: {"healthy": sh.healthy, "queued": len(self.queues[db]),
                      "spool_records": sh.spool.pending, "spool_bytes": sh.spool.stats.bytes,

@@ -78,14 +78,15 @@ def render(snapshot: dict[str, Any] | None, path: Path, now: float | None = None
     behind = 0
     files = 0
     for name, source in sorted(snapshot["sources"].items()):
-        lag = sum(f["lag"] for f in source["files"])
+        lag = source["lag"]
         behind += lag
-        files += len(source["files"])
+        files += source["files"]
         c = source["counters"]
-        source_lines.append(f"  {name:16} {len(source['files'])} file(s), {_size(lag)} unread; lines "
+        source_lines.append(f"  {name:16} {source['files']} file(s), {_size(lag)} unread; lines "
                      f"{c['lines']}, matched {c['matched']}, unmatched {c['unmatched']}, "
                      f"filtered {c['filtered'] + c['empty']}, invalid {c['invalid_encoding']}, "
                      f"truncated {c['truncated']}")
+        source_lines += [f"    {_size(f['lag'])} unread in {f['path']}" for f in source["behind"]]
     for name, db in sorted(snapshot["databases"].items()):
         state = "ok" if db["healthy"] else "CouchDB not reachable"
         if not db["healthy"]:

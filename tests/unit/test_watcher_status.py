@@ -87,8 +87,8 @@ def snapshot(**database: Any) -> dict[str, Any]:
                               "invalid_encoding", "truncated"), 0)
     return {"pid": os.getpid(), "started_at": time.time() - 100, "updated_at": time.time(),
             "watch": "inotify",
-            "sources": {"app": {"counters": counters,
-                                "files": [{"path": "/x", "offset": 10, "size": 2058, "lag": 2048}]}},
+            "sources": {"app": {"counters": counters, "files": 1, "lag": 2048,
+                                "behind": [{"path": "/x", "lag": 2048}]}},
             "databases": {"log_app": {"healthy": True, "queued": 0, "spool_records": 0,
                                       "spool_bytes": 0, "stored": 5, "conflicts": 0,
                                       "dead_lettered": 0, "last_error": None,
@@ -98,7 +98,7 @@ def snapshot(**database: Any) -> dict[str, Any]:
 
 def test_status_says_healthy_and_how_far_behind() -> None:
     text, code = render(snapshot(), Path("/s"))
-    assert code == EXIT_OK and "health: OK" in text and "2.0 KiB unread" in text
+    assert code == EXIT_OK and "health: OK" in text and "2.0 KiB unread in /x" in text
 
 
 def test_status_says_what_is_wrong() -> None:
