@@ -42,6 +42,8 @@ log = structlog.get_logger("agent.daemon")
 
 TICK_SECONDS = 1.0
 PROGRESS_EVERY = 60.0
+STATUS_EVERY = 2.0
+"""Seconds between status snapshots (`agent status` calls one older than STALE_AFTER stale)."""
 STATUS_FILES = 10
 """Files listed by name in the status snapshot: the ones furthest behind."""
 FORGET_AFTER = 24 * 3600.0
@@ -67,6 +69,7 @@ class Agent:
         self._tailers: TailerSet | None = None
         self._watcher: Watcher | None = None
         self._settled: set[str] = set()
+        self._next_status = 0.0
         """Databases whose spool was empty at the last tick, their offsets settled."""
 
     async def run(self) -> None:
@@ -160,7 +163,9 @@ class Agent:
         self.offsets.prune(time.time() - FORGET_AFTER)
         if self.offsets.dirty:
             await self._save_offsets()
-        await asyncio.to_thread(self.status_file.write, self.status())
+        if time.monotonic() >= self._next_status:
+            self._next_status = time.monotonic() + STATUS_EVERY
+            await asyncio.to_thread(self.status_file.write, self.status())
 
     async def _save_offsets(self) -> None:
         try:

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-STALE_AFTER = 10.0
+STALE_AFTER = 15.0
 EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 3
 
 

@@ -267,6 +267,7 @@ class Tailer:
     def _release(self) -> None:
         if self.file is not None:
             self.owner.offsets.detach(self.file, *self.reference())
+            self.owner.let_go(self, self.file)
         self.released.set()
 
 
@@ -283,6 +284,8 @@ class TailerSet:
         self.first_start = first_start
         """No saved offsets: files found by the first scan follow their source's `start_at`."""
         self.live: dict[tuple[str, int, int], Tailer] = {}
+        self.owners: dict[SourceFile, Tailer] = {}
+        """Which tailer reads each file now."""
         self.by_path: dict[str, set[Tailer]] = {}
         """The same file may be followed by several sources."""
         self.tasks: set[asyncio.Task[None]] = set()
@@ -342,7 +345,7 @@ class TailerSet:
             for original in store.copies_of(file):
                 progress = store.get(original)
                 assert progress is not None
-                owner = self._owner(original)
+                owner = self.owners.get(original)
                 if not await self._is_copy(tailer, progress, owner, size):
                     continue
                 if owner is not None:
@@ -383,13 +386,13 @@ class TailerSet:
     def _attach(self, tailer: Tailer, file: SourceFile, offset: int,
                 marker_value: str | None) -> tuple[SourceFile, int]:
         self.offsets.attach(file, tailer.path, offset, marker_value)
+        self.owners[file] = tailer
         return file, offset
 
-    def _owner(self, file: SourceFile) -> Tailer | None:
-        for tailer in self.live.values():
-            if tailer.file == file and not tailer.released.is_set():
-                return tailer
-        return None
+    def let_go(self, tailer: Tailer, file: SourceFile) -> None:
+        """`tailer` no longer reads `file` (it was truncated, or the tailer is done)."""
+        if self.owners.get(file) is tailer:
+            del self.owners[file]
 
     def _open(self, item: Found) -> None:
         try:

@@ -39,7 +39,7 @@ def run(url: str, work: Path, files: int, seconds: float) -> dict[str, float]:
     couch.create_db(database)
     config = write_config(work / "etc", url, [{"name": "idle", "database": database,
                                                "paths": [str(logs / "*.log")], "schema": "$msg..."}],
-                          log={"level": "warning"})
+                          log={"level": "warning"}, scan_interval="10s")
     agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
                              stderr=open(work / "agent.log", "wb"))  # noqa: SIM115
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -49,3 +50,20 @@ def reallogs() -> Path:
     if not REALLOGS.is_dir():
         pytest.skip(f"real log samples not found at {REALLOGS}")
     return REALLOGS
+
+
+@pytest.fixture(autouse=True)
+def no_stray_agents() -> Iterator[None]:
+    """Kill any `agent run` this test started and left running (a failed assertion, say)."""
+    yield
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me and b"agent\x00run" in cmdline:
+            os.kill(int(entry.name), signal.SIGKILL)
