@@ -1,4 +1,5 @@
-"""Per-source counters: what happened to every line read, for logs, `agent parse` and status."""
+"""Per-source counters: what happened to every line read, for logs, `agent parse` and status.
+What happened to the documents is counted per database, by the shipper."""
 
 from __future__ import annotations
 
@@ -19,9 +20,6 @@ class SourceCounters:
     invalid_encoding: int = 0
     nul_bytes: int = 0
     truncated: int = 0
-    delivered: int = 0
-    conflicts: int = 0
-    dead_lettered: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
