@@ -60,7 +60,8 @@ class SourceParser:
         self._static = dict(source.fields)
         self._meta_key = source.metadata_key
         self._encoding = source.encoding
-        self._extract = _extractor(source)
+        self._message_key = self._rename("message")
+        self._extract = _extractor(source, self._rename)
 
     def parse(self, line: RawLine) -> Parsed | None:
         """Parse one line into its top-level fields, or None if it is not to be shipped."""
@@ -72,9 +73,7 @@ class SourceParser:
         if not text.strip():
             counters.empty += 1
             return None
-        if any(p.search(text) is None for p in self._include) or any(
-            p.search(text) is not None for p in self._exclude
-        ):
+        if not self._kept(text):
             counters.filtered += 1
             return None
         fields, error = self._extract(text)
@@ -85,8 +84,7 @@ class SourceParser:
             if self.source.on_parse_error == "drop":
                 counters.dropped_unmatched += 1
                 return None
-            fields = {"message": text}
-        fields = self._clean(fields)
+            fields = {self._message_key: text}
         fields.update(self._static)
         if line.truncated:
             counters.truncated += 1
@@ -130,45 +128,60 @@ class SourceParser:
             self.counters.nul_bytes += 1
         return text
 
-    def _clean(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """Rename the field names CouchDB reserves, and the metadata key."""
-        if not any(k.startswith("_") or k == self._meta_key for k in fields):
-            return fields
-        return {
-            (RENAME_PREFIX + k if k.startswith("_") or k == self._meta_key else k): v
-            for k, v in fields.items()
-        }
+    def _kept(self, text: str) -> bool:
+        """Every include matches and no exclude does (plain loops: this runs for every line)."""
+        for pattern in self._include:
+            if pattern.search(text) is None:
+                return False
+        for pattern in self._exclude:  # noqa: SIM110 - a loop, not all(genexpr): per-line cost
+            if pattern.search(text) is not None:
+                return False
+        return True
+
+    def _rename(self, name: str) -> str:
+        """A name CouchDB reserves (leading `_`), or the metadata key, gets a prefix."""
+        return RENAME_PREFIX + name if name.startswith("_") or name == self._meta_key else name
 
 
 Extractor = Callable[[str], tuple[dict[str, Any], str | None]]
 
 
-def _extractor(source: SourceConfig) -> Extractor:
+def _extractor(source: SourceConfig, rename: Callable[[str], str]) -> Extractor:
     """Choose the extraction function once, at construction, as structlog's processors do."""
     if source.format == "json":
-        return _json_fields
+        return _json_fields(rename)
     assert source.pattern is not None, "config validation guarantees a compiled pattern"
-    return _pattern_fields(source.pattern, anchored=source.format == "schema")
+    return _pattern_fields(source.pattern, source.format == "schema", rename)
 
 
-def _pattern_fields(pattern: re.Pattern[str], anchored: bool) -> Extractor:
+def _pattern_fields(pattern: re.Pattern[str], anchored: bool,
+                    rename: Callable[[str], str]) -> Extractor:
     find = pattern.match if anchored else pattern.search
-    kind = "schema" if anchored else "regex"
+    error = f"line does not match the {'schema' if anchored else 'regex'}"
+    names = {name: rename(name) for name in pattern.groupindex}
+    renamed = any(name != new for name, new in names.items())
 
     def extract(text: str) -> tuple[dict[str, Any], str | None]:
         match = find(text)
         if match is None:
-            return {}, f"line does not match the {kind}"
+            return {}, error
+        if renamed:
+            return {names[k]: v for k, v in match.groupdict().items() if v is not None}, None
         return {k: v for k, v in match.groupdict().items() if v is not None}, None
 
     return extract
 
 
-def _json_fields(text: str) -> tuple[dict[str, Any], str | None]:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        return {}, f"invalid JSON: {exc}"
-    if not isinstance(value, dict):
-        return {}, f"expected a JSON object, got {type(value).__name__}"
-    return value, None
+def _json_fields(rename: Callable[[str], str]) -> Extractor:
+    def extract(text: str) -> tuple[dict[str, Any], str | None]:
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            return {}, f"invalid JSON: {exc}"
+        if not isinstance(value, dict):
+            return {}, f"expected a JSON object, got {type(value).__name__}"
+        if any(rename(k) != k for k in value):
+            value = {rename(k): v for k, v in value.items()}
+        return value, None
+
+    return extract
