@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from agent.config import AgentConfig, SourceConfig
+from agent.config import AgentConfig, SourceConfig, StartAt
 from agent.counters import SourceCounters
 from agent.deadletter import DeadLetterFile
 from agent.offsets import OffsetStore, StateFile
@@ -90,7 +90,11 @@ class Agent:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         entries, status = await asyncio.to_thread(self.state_file.load)
         self.offsets = OffsetStore(entries)
-        first_start = status == "absent" or (status == "corrupt" and cfg.on_corrupt_state == "end")
+        # Files there at start that the offsets do not know: a first start follows each source's
+        # start_at, a lost state file on_corrupt_state, and otherwise they are new files.
+        start_at: dict[str, StartAt] = {
+            s.name: s.start_at if status == "absent" else
+            cfg.on_corrupt_state if status == "corrupt" else "beginning" for s in cfg.sources}
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=len(self.queues) + len(cfg.sources) + 4))
         dead_letter = DeadLetterFile(cfg.state_dir)
@@ -108,7 +112,7 @@ class Agent:
             self._spawn(f"shipper:{database}", shipper.run())
         self._tailers = TailerSet(self._group_task, cfg.sources,
                                   {s.name: self._sink(s) for s in cfg.sources}, self.offsets,
-                                  first_start)
+                                  start_at)
         watcher = Watcher(cfg.sources, self._tailers, cfg.scan_interval, cfg.poll_interval)
         await watcher.start()
         self._watcher = watcher

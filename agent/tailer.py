@@ -36,7 +36,7 @@ from typing import Any
 
 import structlog
 
-from agent.config import SourceConfig
+from agent.config import SourceConfig, StartAt
 from agent.identity import (
     FINGERPRINT_BYTES,
     MARKER_BYTES,
@@ -276,13 +276,13 @@ class TailerSet:
     decides where each file is read from (`claim`)."""
 
     def __init__(self, spawn: Spawn, sources: Iterable[SourceConfig], sinks: dict[str, LineSink],
-                 offsets: OffsetStore, first_start: bool) -> None:
+                 offsets: OffsetStore, start_at: dict[str, StartAt]) -> None:
         self.spawn = spawn
         self.sources = {s.name: s for s in sources}
         self.sinks = sinks
         self.offsets = offsets
-        self.first_start = first_start
-        """No saved offsets: files found by the first scan follow their source's `start_at`."""
+        self.start_at = start_at
+        """Where files found by the first scan and unknown to the offsets start, per source."""
         self.live: dict[tuple[str, int, int], Tailer] = {}
         self.owners: dict[SourceFile, Tailer] = {}
         """Which tailer reads each file now."""
@@ -360,7 +360,7 @@ class TailerSet:
             if waited:
                 continue
             offset = 0
-            if self.first_start and tailer.at_first_start and tailer.source.start_at == "end":
+            if tailer.at_first_start and self.start_at[file.source] == "end":
                 newline = "\n".encode(tailer.source.encoding)
                 offset = await asyncio.to_thread(last_line_end, tailer.fd, size, newline)
             return self._attach(tailer, file, offset, None)

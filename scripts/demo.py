@@ -151,6 +151,10 @@ def main() -> int:
             got = wait_for_documents(server, want)
             print(f"{LINES} lines written, {want} kept by the filter (NOTICE and Ban); "
                   f"{got} documents in {DATABASE}")
+            time.sleep(2.5)  # the next status snapshot
+            status = subprocess.run([str(ROOT / ".venv/bin/agent"), "status", "-c", str(config)],
+                                    capture_output=True, text=True)
+            print(f"\n$ agent status -c {config}\n{status.stdout}")
         finally:
             agent.send_signal(signal.SIGTERM)
             code = agent.wait(timeout=30)

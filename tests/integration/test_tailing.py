@@ -6,6 +6,7 @@ Each test compares the exact multiset of documents in the database with the line
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -377,4 +378,27 @@ def test_restart_between_every_pair_of_steps(tmp_path: Path, logs: Path, couch: 
         flow.wait_for(written)
         flow.restart()
         flow.wait_for(written)
+    flow.stop()
+
+
+@pytest.mark.parametrize("start", ["beginning", "end"])
+def test_corrupt_state_file_starts_where_configured(tmp_path: Path, logs: Path, couch: CouchDB,
+                                                    couchdb_url: str, database: str, start: str) -> None:
+    log = logs / "app.log"
+    flow = pipeline(tmp_path, couch, couchdb_url, database, {"paths": [str(log)]},
+                    on_corrupt_state=start).start()
+    written = append(log, numbered("before", 0, 500))
+    flow.wait_for(written)
+    flow.stop()
+    (flow.config.parent / "state" / "offsets.json").write_bytes(b"\x00not json")
+    flow.start()
+    written += append(log, numbered("after", 0, 100))
+    flow.wait_for(written)
+    time.sleep(2.5)  # the next status snapshot
+    status = json.loads((flow.config.parent / "state" / "status.json").read_text())
+    conflicts = status["databases"][database]["conflicts"]
+    # beginning: everything is sent again and CouchDB answers conflict; end: nothing is.
+    assert (conflicts == 500) if start == "beginning" else (conflicts == 0), conflicts
+    assert '"state_file_corrupt"' in flow.agent.log()
+    assert list((flow.config.parent / "state").glob("offsets.json.corrupt-*"))
     flow.stop()
