@@ -49,5 +49,10 @@ class CouchDB:
         return [row["doc"] for row in body["rows"] if not row["id"].startswith("_design/")]
 
     def count(self, name: str) -> int:
+        """Documents in the database, design documents not counted (`doc_count` counts them)."""
         status, body = self.request("GET", "/" + quote(name, safe=""))
-        return int(body["doc_count"]) if status == 200 else 0
+        if status != 200:
+            return 0
+        _, design = self.request("GET", f"/{quote(name, safe='')}/_all_docs?startkey=%22_design%2F%22"
+                                        "&endkey=%22_design0%22")
+        return int(body["doc_count"]) - len(design["rows"])
