@@ -128,14 +128,20 @@ class OffsetStore:
         self._advance(progress)
 
     def acknowledge(self, acks: Iterable[Ack]) -> None:
-        touched = []
+        touched: list[FileProgress] = []
+        last_file: SourceFile | None = None
+        progress: FileProgress | None = None
         for ack in acks:
-            progress = self.files.get(ack.file)
+            # Acks come in runs from one file: look a file up once per run, not per document.
+            if ack.file is not last_file:
+                last_file = ack.file
+                progress = self.files.get(ack.file)
+                if progress is not None and (not touched or touched[-1] is not progress):
+                    touched.append(progress)
             if progress is not None:
                 progress.acked.add(ack.end)
-                touched.append(progress)
-        for progress in touched:
-            self._advance(progress)
+        for each in {id(p): p for p in touched}.values():
+            self._advance(each)
 
     def settle(self, sources: Iterable[str]) -> None:
         """The spool of these sources' database is empty: everything committed is in CouchDB."""

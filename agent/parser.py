@@ -25,7 +25,7 @@ RENAME_PREFIX = "x"
 clashes with the metadata key."""
 
 
-def document_id(source: str, file_id: FileId, offset: int) -> str:
+def document_id(source: str, file_id: FileId | str, offset: int) -> str:
     """Sortable and deterministic: one file's documents sort by offset, and a
     re-read line gets the same `_id`, which CouchDB answers with `conflict`."""
     return f"{source}:{file_id}:{offset:012x}"
@@ -93,19 +93,22 @@ class SourceParser:
     def documents(self, lines: Sequence[RawLine], context: LineContext) -> list[Document]:
         """Turn the kept lines of a batch into documents ready to ship."""
         docs = []
+        file_text = str(context.file.file_id)
         for line in lines:
             parsed = self.parse(line)
             if parsed is not None:
-                docs.append(self.document(line, parsed, context))
+                docs.append(self.document(line, parsed, context, file_text))
         return docs
 
-    def document(self, line: RawLine, parsed: Parsed, context: LineContext) -> Document:
-        doc_id = document_id(self.source.name, context.file.file_id, line.offset)
+    def document(self, line: RawLine, parsed: Parsed, context: LineContext,
+                 file_text: str | None = None) -> Document:
+        file_text = file_text or str(context.file.file_id)
+        doc_id = document_id(self.source.name, file_text, line.offset)
         meta: dict[str, Any] = {
             "source": self.source.name,
             "host": self.host,
             "path": context.path,
-            "file": str(context.file.file_id),
+            "file": file_text,
             "offset": line.offset,
             "read_at": context.read_at,
         }
