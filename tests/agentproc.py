@@ -23,7 +23,7 @@ def write_config(folder: Path, couchdb_url: str, sources: list[dict[str, Any]],
         "state_dir": str(folder / "state"),
         "shipping": {"linger": "50ms", "retry_max_backoff": "1s"},
         "scan_interval": "1s",
-        "log": {"format": "json", "level": "debug"},
+        "log": {"format": "json", "level": "info"},
     }
     for key, value in main.items():
         settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
