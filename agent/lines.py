@@ -24,11 +24,6 @@ class LineSplitter:
         self._skipping = False
         """The buffered line is over the limit: `_tail` holds its kept prefix, the rest is dropped."""
 
-    @property
-    def pending_offset(self) -> int:
-        """Where the first line not yet returned starts: the offset to resume from."""
-        return self._tail_offset
-
     def feed(self, data: bytes) -> list[RawLine]:
         """Frame `data`, which continues the file at `self.position`."""
         start_of_data = self.position
@@ -105,10 +100,6 @@ class WideLineSplitter:
         self._line_start = offset
         self._kept: bytes | None = None
         """The prefix of an over-long line whose rest is being skipped."""
-
-    @property
-    def pending_offset(self) -> int:
-        return self._line_start
 
     def feed(self, data: bytes) -> list[RawLine]:
         self.position += len(data)

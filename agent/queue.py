@@ -27,10 +27,6 @@ class DocumentQueue:
     def __len__(self) -> int:
         return len(self._docs)
 
-    @property
-    def bytes(self) -> int:
-        return self._bytes
-
     def _has_room(self) -> bool:
         # An empty queue takes any batch, so a batch larger than the cap cannot wait forever.
         return not self._docs or (len(self._docs) < self.max_docs and self._bytes < self.max_bytes)

@@ -318,12 +318,6 @@ class TailerSet:
         for tailer in self.by_path.get(path, ()):
             tailer.wake()
 
-    def wake_all(self, sources: Iterable[str]) -> None:
-        names = set(sources)
-        for key, tailer in self.live.items():
-            if key[0] in names:
-                tailer.wake()
-
     async def claim(self, tailer: Tailer, file: SourceFile, size: int) -> tuple[SourceFile, int] | None:
         """Decide which offsets `tailer` reads `file` with, and from where (module docstring).
         None if the tailer was unlinked while waiting for a copy's original."""

@@ -12,7 +12,6 @@ from agent.types import RawLine
 def test_complete_lines_only_and_offsets() -> None:
     s = LineSplitter(100)
     assert s.feed(b"ab\ncd") == [RawLine(0, 3, b"ab")]
-    assert s.pending_offset == 3
     assert s.feed(b"e\n\n") == [RawLine(3, 7, b"cde"), RawLine(7, 8, b"")]
     assert s.flush() is None
 
