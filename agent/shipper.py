@@ -306,6 +306,8 @@ class Shipper:
         cfg = self.shipping
         items = await asyncio.to_thread(self.spool.read, cfg.batch_max_docs, cfg.batch_max_bytes)
         if not items:
+            # Records counted but none readable (skipped as corrupt): do not spin on them.
+            await asyncio.sleep(0.05)
             return
         unsettled = {id(d) for d in await self._send([i.doc for i in items], replayed=True)}
         done = list(itertools.takewhile(lambda i: id(i.doc) not in unsettled, items))
