@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,19 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backend.pouchdb_server import free_port  # noqa: E402
 from bench.fail2ban_log import SEED_SCHEMA  # noqa: E402
 from bench.parse_speed import workload  # noqa: E402
 from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
 from tests.agentproc import write_config  # noqa: E402
-
-EXTRA: dict = {}
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def main() -> int:
@@ -45,10 +36,11 @@ def main() -> int:
     kept = sum(1 for line in log.open() if "NOTICE" in line and "Ban" in line)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        config = write_config(work / "etc", f"http://127.0.0.1:{closed_port()}", [{
+        # A port that was free a moment ago: nothing listens there.
+        config = write_config(work / "etc", f"http://127.0.0.1:{free_port()}", [{
             "name": "fail2ban", "paths": [str(log)], "include": ["NOTICE", "Ban"],
             "schema": SEED_SCHEMA, "fields": {"machine": "server"}}],
-            spool={"max_bytes": "4GiB"}, log={"level": "warning"}, **EXTRA)
+            spool={"max_bytes": "4GiB"}, log={"level": "warning"})
         started = time.monotonic()
         agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
                                  stderr=open(work / "agent.log", "wb"))  # noqa: SIM115

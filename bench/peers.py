@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SINK = ROOT / "bench" / "sink"
 sys.path.insert(0, str(ROOT))
 
+from backend.pouchdb_server import free_port  # noqa: E402
 from bench.fail2ban_log import SEED_SCHEMA  # noqa: E402
 from bench.parse_speed import workload  # noqa: E402
 from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
@@ -50,13 +51,6 @@ def install() -> None:
             raise SystemExit(f"install these Debian packages first: {' '.join(missing)}")
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True,
                        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 class Sink:
