@@ -57,6 +57,10 @@ class Agent:
         self.force_exit = False
         self.started = False
         self.counters = {s.name: SourceCounters() for s in config.sources}
+        self.databases: dict[str, list[str]] = {}
+        """Each database and the sources that ship to it."""
+        for source in sorted(config.sources, key=lambda s: s.database):
+            self.databases.setdefault(source.database, []).append(source.name)
         self.offsets = OffsetStore()
         self.state_file = StateFile(config.state_dir)
         self.status_file = StatusFile(config.state_dir)
@@ -99,7 +103,7 @@ class Agent:
             connector=aiohttp.TCPConnector(limit=len(self.queues) + len(cfg.sources) + 4))
         dead_letter = DeadLetterFile(cfg.state_dir)
         targets = endpoints(cfg.couchdb)
-        for database, sources in self._sources_by_database().items():
+        for database, sources in self.databases.items():
             spool = Spool(cfg.state_dir / "spool" / database, cfg.spool.max_bytes,
                           cfg.spool.segment_bytes, cfg.spool.when_full)
             await asyncio.to_thread(spool.open)
@@ -123,12 +127,6 @@ class Agent:
                  state=status,
                  databases=sorted(self.queues), state_dir=str(cfg.state_dir),
                  couchdb=[t.url for t in targets], pid=os.getpid())
-
-    def _sources_by_database(self) -> dict[str, list[str]]:
-        by_database: dict[str, list[str]] = {}
-        for source in self.config.sources:
-            by_database.setdefault(source.database, []).append(source.name)
-        return dict(sorted(by_database.items()))
 
     def _check_spool(self, spool: Spool, database: str, sources: list[str]) -> None:
         """A spool that lost documents (damaged, or gone while the offsets say some were only
@@ -158,7 +156,7 @@ class Agent:
     async def on_tick(self) -> None:
         """All periodic work: note what is all in CouchDB, write offsets that moved, forget
         long-gone files."""
-        for database, sources in self._sources_by_database().items():
+        for database, sources in self.databases.items():
             if self.shippers[database].spool.pending:
                 self._settled.discard(database)
             elif self.offsets.dirty or database not in self._settled:

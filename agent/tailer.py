@@ -241,6 +241,10 @@ class Tailer:
             if not lines:
                 return
             end_marker = await asyncio.to_thread(read_marker, self.fd, lines[-1].end)
+        await self._emit(lines, end_marker)
+
+    async def _emit(self, lines: list[RawLine], end_marker: str) -> None:
+        assert self.file is not None
         await self.owner.sinks[self.source.name](self.file, self.path, lines, end_marker)
 
     async def _flush_event(self) -> None:
@@ -248,8 +252,7 @@ class Tailer:
         if self.multiline is not None and self.file is not None:
             event = self.multiline.flush()
             if event is not None:
-                end_marker = await asyncio.to_thread(read_marker, self.fd, event.end)
-                await self.owner.sinks[self.source.name](self.file, self.path, [event], end_marker)
+                await self._emit([event], await asyncio.to_thread(read_marker, self.fd, event.end))
 
     async def _finish(self) -> None:
         """The file is done: its unterminated last line, if any, is a line too."""
