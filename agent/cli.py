@@ -23,7 +23,7 @@ from agent.config import DEFAULT_CONFIG_PATH, ConfigError, Problem, SourceConfig
 from agent.counters import SourceCounters
 from agent.lines import LineSplitter
 from agent.parser import SourceParser
-from agent.types import RawLine
+from agent.types import Lines
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
 READ_SIZE = 64 * 1024
@@ -161,7 +161,7 @@ def _parse(args: argparse.Namespace) -> int:
     for name in inputs:
         try:
             for chunk in _chunks_of_lines(name, source.max_line_bytes):
-                out.write(b"".join(_render(parser, line) for line in chunk))
+                out.write(_render(parser, chunk))
                 # Print as input arrives, so `tail -f log | agent parse ...` shows each line.
                 out.flush()
         except OSError as exc:
@@ -211,17 +211,19 @@ def _parse_source(args: argparse.Namespace) -> SourceConfig:
     return parsed
 
 
-def _render(parser: SourceParser, line: RawLine) -> bytes:
-    parsed = parser.parse(line)
-    if parsed is None:
-        return b""
-    doc: dict[str, Any] = parsed.fields
-    if parsed.error is not None:
-        doc = {**doc, parser.source.metadata_key: {"parse_error": parsed.error}}
-    return orjson.dumps(doc) + b"\n"
+def _render(parser: SourceParser, lines: Lines) -> bytes:
+    """One JSON object per kept line: its fields, and the parse error if it did not parse."""
+    meta_key, dumps = parser.source.metadata_key, orjson.dumps
+    out = []
+    for _, fields, error in parser.kept(lines):
+        if error is not None:
+            fields[meta_key] = {"parse_error": error}
+        out.append(dumps(fields))
+    out.append(b"")
+    return b"\n".join(out) if len(out) > 1 else b""
 
 
-def _chunks_of_lines(name: str, max_line_bytes: int) -> Iterator[list[RawLine]]:
+def _chunks_of_lines(name: str, max_line_bytes: int) -> Iterator[Lines]:
     """Lines of a file or stdin, a chunk at a time as they arrive; the last needs no newline."""
     splitter = LineSplitter(max_line_bytes)
     stream: BinaryIO
@@ -237,7 +239,7 @@ def _chunks_of_lines(name: str, max_line_bytes: int) -> Iterator[list[RawLine]]:
             yield splitter.feed(chunk)
         last = splitter.flush()
         if last is not None:
-            yield [last]
+            yield Lines.of([last])
     finally:
         if close:
             stream.close()

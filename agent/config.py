@@ -541,6 +541,9 @@ def source_from_mapping(file: Path | str, data: Mapping[str, Any], problems: lis
     for key in src["fields"]:
         if key.startswith("_"):
             src.problem(f"fields.{key}", "field names starting with '_' are reserved by CouchDB")
+        elif key == src["metadata_key"]:
+            src.problem(f"fields.{key}", f"{key!r} holds the agent's metadata (metadata_key); "
+                        "rename the field, or set metadata_key to another name")
     paths = _absolute(src["paths"] or (), base)
     multiline = None
     if src["multiline.start"] is None and any(

@@ -18,7 +18,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +35,7 @@ from agent.shipper import Shipper, endpoints
 from agent.spool import Spool
 from agent.status import StatusFile
 from agent.tailer import TailerSet
-from agent.types import LineSink, RawLine, SourceFile
+from agent.types import Lines, LineSink, SourceFile
 from agent.watcher import Watcher
 
 log = structlog.get_logger("agent.daemon")
@@ -215,10 +215,10 @@ class Agent:
         queue = self.queues[source.database]
         offsets = self.offsets
 
-        async def sink(file: SourceFile, path: str, lines: Sequence[RawLine], end_marker: str) -> None:
+        async def sink(file: SourceFile, path: str, lines: Lines, end_marker: str) -> None:
             read_at = datetime.now(UTC).isoformat(timespec="milliseconds")
             docs = parser.documents(lines, LineContext(file, path, read_at))
-            offsets.expect(file, [d.end for d in docs], lines[-1].end, end_marker)
+            offsets.expect(file, [d.end for d in docs], lines.ends[-1], end_marker)
             await queue.put(docs)
 
         return sink

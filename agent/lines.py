@@ -9,7 +9,10 @@ memory stays bounded by the limit whatever the input.
 
 from __future__ import annotations
 
-from agent.types import RawLine
+from itertools import accumulate, repeat
+from operator import add
+
+from agent.types import Lines, RawLine
 
 
 class LineSplitter:
@@ -24,36 +27,40 @@ class LineSplitter:
         self._skipping = False
         """The buffered line is over the limit: `_tail` holds its kept prefix, the rest is dropped."""
 
-    def feed(self, data: bytes) -> list[RawLine]:
-        """Frame `data`, which continues the file at `self.position`."""
+    def feed(self, data: bytes) -> Lines:
+        """Frame `data`, which continues the file at `self.position`.
+
+        The lines after the first newline are framed by C code (split, accumulate, map), not a
+        Python loop per line; only a chunk with a CR or an over-long line takes a second pass."""
         start_of_data = self.position
         self.position += len(data)
         first_nl = data.find(b"\n")
         if first_nl < 0:
             self._extend_tail(data)
-            return []
-        lines: list[RawLine] = []
+            return Lines([], [], [])
         head_end = start_of_data + first_nl + 1
         if self._skipping:
-            lines.append(RawLine(self._tail_offset, head_end, self._tail, truncated=True))
+            head, head_truncated = self._tail, True
             self._skipping = False
         else:
-            lines.append(self._line(self._tail_offset, head_end, self._tail + data[:first_nl]))
+            head, head_truncated = self._cut(self._tail + data[:first_nl])
         parts = data[first_nl + 1:].split(b"\n")
         last = parts.pop()
-        offset = head_end
+        bounds = list(accumulate(map(add, map(len, parts), repeat(1)), initial=head_end))
+        if b"\r" in data:
+            parts = [part[:-1] if part.endswith(b"\r") else part for part in parts]
         limit = self.max_line_bytes
-        for part in parts:
-            end = offset + len(part) + 1
-            if len(part) > limit or part.endswith(b"\r"):
-                lines.append(self._line(offset, end, part))
-            else:
-                lines.append(RawLine(offset, end, part))
-            offset = end
+        truncated = {0} if head_truncated else set()
+        if parts and max(map(len, parts)) > limit:
+            for i, part in enumerate(parts):
+                if len(part) > limit:
+                    parts[i] = part[:limit]
+                    truncated.add(i + 1)
+        offsets = [self._tail_offset, *bounds]
         self._tail = b""
-        self._tail_offset = offset
+        self._tail_offset = bounds[-1]
         self._extend_tail(last)
-        return lines
+        return Lines([head, *parts], offsets[:-1], offsets[1:], frozenset(truncated))
 
     def flush(self) -> RawLine | None:
         """Return the unterminated last line of a file that will not grow any more."""
@@ -69,11 +76,15 @@ class LineSplitter:
         return line
 
     def _line(self, offset: int, end: int, data: bytes) -> RawLine:
+        return RawLine(offset, end, *self._cut(data))
+
+    def _cut(self, data: bytes) -> tuple[bytes, bool]:
+        """A line's bytes without the CR of its line ending, cut to the limit; and if it was."""
         if data.endswith(b"\r"):
             data = data[:-1]
         if len(data) > self.max_line_bytes:
-            return RawLine(offset, end, data[: self.max_line_bytes], truncated=True)
-        return RawLine(offset, end, data)
+            return data[: self.max_line_bytes], True
+        return data, False
 
     def _extend_tail(self, data: bytes) -> None:
         if self._skipping or not data:
@@ -101,7 +112,7 @@ class WideLineSplitter:
         self._kept: bytes | None = None
         """The prefix of an over-long line whose rest is being skipped."""
 
-    def feed(self, data: bytes) -> list[RawLine]:
+    def feed(self, data: bytes) -> Lines:
         self.position += len(data)
         buffer = self._buffer + data
         lines: list[RawLine] = []
@@ -122,7 +133,7 @@ class WideLineSplitter:
             drop = max(0, len(rest) - len(self.newline)) // self.unit * self.unit
             rest, offset = rest[drop:], offset + drop
         self._buffer, self._buffer_offset = rest, offset
-        return lines
+        return Lines.of(lines)
 
     def flush(self) -> RawLine | None:
         if self.position == self._line_start:

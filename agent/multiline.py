@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from agent.types import RawLine
+from agent.types import Lines, RawLine
 
 
 class MultilineAssembler:
@@ -32,13 +32,13 @@ class MultilineAssembler:
     def pending(self) -> bool:
         return bool(self._parts)
 
-    def feed(self, lines: list[RawLine]) -> list[RawLine]:
+    def feed(self, lines: Lines) -> Lines:
         events = []
         for line in lines:
             if self._parts and self._starts_event(line.data):
                 events.append(self._emit())
             self._append(line)
-        return events
+        return Lines.of(events)
 
     def flush(self) -> RawLine | None:
         return self._emit() if self._parts else None

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
-from agent.types import Ack, SourceFile
+from agent.types import Ack, Document, SourceFile
 
 STATE_VERSION = 1
 StateStatus = Literal["ok", "absent", "corrupt"]
@@ -127,7 +127,7 @@ class OffsetStore:
             progress.acked.add(read_to)
         self._advance(progress)
 
-    def acknowledge(self, acks: Iterable[Ack]) -> None:
+    def acknowledge(self, acks: Iterable[Ack | Document]) -> None:
         touched: list[FileProgress] = []
         last_file: SourceFile | None = None
         progress: FileProgress | None = None

@@ -1,4 +1,4 @@
-"""Per-source parsing: `RawLine`s in, `Document`s out, with a deterministic `_id`.
+"""Per-source parsing: `Lines` in, `Document`s out, with a deterministic `_id`.
 
 A `SourceParser` is built once per source from its config: the schema or
 regex is already compiled, the filters and static fields are ready. On the
@@ -10,7 +10,7 @@ dropped when the source says so), filtered, or empty.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,25 +18,29 @@ import orjson
 
 from agent.config import SourceConfig
 from agent.counters import SourceCounters
-from agent.types import Document, FileId, RawLine, SourceFile
+from agent.types import Document, FileId, Lines, SourceFile
 
 RENAME_PREFIX = "x"
 """Prefix given to a field whose name CouchDB reserves (`_id` → `x_id`) or that
 clashes with the metadata key."""
 
 
-def document_id(source: str, file_id: FileId | str, offset: int) -> str:
-    """Sortable and deterministic: one file's documents sort by offset, and a
-    re-read line gets the same `_id`, which CouchDB answers with `conflict`."""
-    return f"{source}:{file_id}:{offset:012x}"
+def id_prefix(source: str, file_id: FileId | str) -> str:
+    """A document's `_id` is this prefix and its line's offset in 12 hex digits: sortable (one
+    file's documents sort by offset) and deterministic (a re-read line gets the same `_id`,
+    which CouchDB answers with `conflict`)."""
+    return f"{source}:{file_id}:"
 
 
-@dataclass(frozen=True, slots=True)
-class Parsed:
-    """A kept line's top-level fields; `error` says why it did not parse, if it did not."""
+Kept = tuple[int, dict[str, Any], str | None]
+"""A line to ship (its index in `Lines`), its top-level fields, and why it did not parse
+(None if it did)."""
 
-    fields: dict[str, Any]
-    error: str | None
+BYTE_FILTER_ENCODINGS = frozenset({"utf-8", "ascii", "iso8859-1", "iso8859-15", "cp1252"})
+"""Encodings in which an ASCII line's bytes read as the same characters, so a literal filter
+can be tried on the bytes before the line is decoded."""
+
+REGEX_SYNTAX = frozenset(".^$*+?{}[]\\|()")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +53,13 @@ class LineContext:
 
 
 class SourceParser:
-    """The compiled chain for one source: decode, filter, parse, add fields, encode."""
+    """The compiled chain for one source: decode, filter, parse, add fields, encode.
+
+    The per-line work is one loop (`kept`) with everything it needs bound
+    once: for most lines it runs a byte search, a decode and one regex match,
+    and makes one dict. Plain-word filters (`include: [NOTICE]`) are tried on
+    an ASCII line's bytes first, so a line that is dropped is never decoded.
+    """
 
     def __init__(self, source: SourceConfig, host: str, counters: SourceCounters) -> None:
         self.source = source
@@ -62,64 +72,90 @@ class SourceParser:
         self._encoding = source.encoding
         self._message_key = self._rename("message")
         self._extract = _extractor(source, self._rename)
+        self._byte_include, self._byte_exclude, self._all_literal = _byte_filters(source)
 
-    def parse(self, line: RawLine) -> Parsed | None:
-        """Parse one line into its top-level fields, or None if it is not to be shipped."""
+    def kept(self, lines: Lines) -> Iterator[Kept]:
+        """The lines to ship with their fields; every line is counted in exactly one outcome."""
         counters = self.counters
-        counters.lines += 1
-        text = self._decode(line.data)
-        if line.offset == 0 and text.startswith("\ufeff"):
-            text = text[1:]
-        if not text.strip():
-            counters.empty += 1
-            return None
-        if not self._kept(text):
-            counters.filtered += 1
-            return None
-        fields, error = self._extract(text)
-        if error is None:
-            counters.matched += 1
-        else:
-            counters.unmatched += 1
-            if self.source.on_parse_error == "drop":
-                counters.dropped_unmatched += 1
-                return None
-            fields = {self._message_key: text}
-        fields.update(self._static)
-        if line.truncated:
-            counters.truncated += 1
-        return Parsed(fields, error)
+        byte_include, byte_exclude = self._byte_include, self._byte_exclude
+        byte_filtered = bool(byte_include or byte_exclude)
+        only_bytes = self._all_literal
+        static, extract, decode = self._static, self._extract, self._decode
+        drop_unmatched = self.source.on_parse_error == "drop"
+        truncated = lines.truncated
+        for i, data in enumerate(lines.data):
+            checked = False
+            if byte_filtered and data.isascii():
+                # Loops, not any(genexpr): a generator costs more than the search itself.
+                dropped = False
+                for word in byte_include:
+                    if word not in data:
+                        dropped = True
+                        break
+                for word in byte_exclude:
+                    if word in data:
+                        dropped = True
+                        break
+                if dropped:
+                    counters.lines += 1
+                    if not data.strip():
+                        counters.empty += 1
+                    else:
+                        counters.filtered += 1
+                        if b"\x00" in data:
+                            counters.nul_bytes += 1
+                    continue
+                checked = only_bytes
+            counters.lines += 1
+            text = decode(data)
+            if text.startswith("\ufeff") and lines.offsets[i] == 0:
+                text = text[1:]
+            if not text.strip():
+                counters.empty += 1
+                continue
+            if not checked and not self._kept(text):
+                counters.filtered += 1
+                continue
+            fields, error = extract(text)
+            if error is None:
+                counters.matched += 1
+            else:
+                counters.unmatched += 1
+                if drop_unmatched:
+                    counters.dropped_unmatched += 1
+                    continue
+                fields = {self._message_key: text}
+            if static:
+                fields.update(static)
+            if truncated and i in truncated:
+                counters.truncated += 1
+            yield i, fields, error
 
-    def documents(self, lines: Sequence[RawLine], context: LineContext) -> list[Document]:
-        """Turn the kept lines of a batch into documents ready to ship."""
-        docs = []
+    def documents(self, lines: Lines, context: LineContext) -> list[Document]:
+        """Turn the kept lines of a batch into encoded documents ready to ship.
+
+        The metadata differs between a batch's documents only in the offset, so it is
+        encoded once per batch and each body is the fields' JSON with it spliced in."""
         file_text = str(context.file.file_id)
-        for line in lines:
-            parsed = self.parse(line)
-            if parsed is not None:
-                docs.append(self.document(line, parsed, context, file_text))
+        prefix = id_prefix(self.source.name, file_text)
+        meta = {"source": self.source.name, "host": self.host, "path": context.path,
+                "file": file_text, "read_at": context.read_at}
+        meta_head = (b"," + orjson.dumps(self._meta_key) + b":" + orjson.dumps(meta)[:-1]
+                     + b',"offset":')
+        file, dumps = context.file, orjson.dumps
+        offsets, ends, truncated = lines.offsets, lines.ends, lines.truncated
+        docs = []
+        for i, fields, error in self.kept(lines):
+            offset = offsets[i]
+            doc_id = f"{prefix}{offset:012x}"
+            fields["_id"] = doc_id
+            cut = i in truncated
+            tail = b"}}" if error is None and not cut else _meta_notes(error, cut)
+            # Slicing copies orjson's output to its size: orjson returns its whole buffer
+            # (4 KiB for a 300-byte document), and a full queue would hold ten times its cap.
+            body = b"%b%b%d%b" % (dumps(fields)[:-1], meta_head, offset, tail)
+            docs.append(Document(doc_id, body, file, ends[i]))
         return docs
-
-    def document(self, line: RawLine, parsed: Parsed, context: LineContext,
-                 file_text: str | None = None) -> Document:
-        file_text = file_text or str(context.file.file_id)
-        doc_id = document_id(self.source.name, file_text, line.offset)
-        meta: dict[str, Any] = {
-            "source": self.source.name,
-            "host": self.host,
-            "path": context.path,
-            "file": file_text,
-            "offset": line.offset,
-            "read_at": context.read_at,
-        }
-        if parsed.error is not None:
-            meta["parse_error"] = parsed.error
-        if line.truncated:
-            meta["truncated"] = True
-        body = {"_id": doc_id, **parsed.fields, self._meta_key: meta}
-        # orjson returns its whole output buffer (4 KiB for a 300-byte document): copy it to its
-        # size, or a full queue holds ten times the memory its byte cap says.
-        return Document(doc_id, bytes(memoryview(orjson.dumps(body))), context.file, line.end)
 
     def _decode(self, data: bytes) -> str:
         try:
@@ -149,6 +185,36 @@ class SourceParser:
 Extractor = Callable[[str], tuple[dict[str, Any], str | None]]
 
 
+def _meta_notes(error: str | None, truncated: bool) -> bytes:
+    notes: dict[str, Any] = {}
+    if error is not None:
+        notes["parse_error"] = error
+    if truncated:
+        notes["truncated"] = True
+    return b"," + orjson.dumps(notes)[1:] + b"}"
+
+
+def _byte_filters(source: SourceConfig) -> tuple[tuple[bytes, ...], tuple[bytes, ...], bool]:
+    """The include and exclude patterns that are plain words, as bytes in the source's encoding,
+    and whether every pattern is one. Empty when the encoding does not allow it."""
+    if source.encoding not in BYTE_FILTER_ENCODINGS:
+        return (), (), False
+
+    def literal(pattern: re.Pattern[str]) -> bytes | None:
+        text = pattern.pattern
+        if pattern.flags & ~re.UNICODE or REGEX_SYNTAX.intersection(text) or not text:
+            return None
+        try:
+            return text.encode(source.encoding)
+        except UnicodeEncodeError:
+            return None
+
+    include = [literal(p) for p in source.include]
+    exclude = [literal(p) for p in source.exclude]
+    return (tuple(w for w in include if w is not None), tuple(w for w in exclude if w is not None),
+            None not in include and None not in exclude)
+
+
 def _extractor(source: SourceConfig, rename: Callable[[str], str]) -> Extractor:
     """Choose the extraction function once, at construction, as structlog's processors do."""
     if source.format == "json":
@@ -168,9 +234,12 @@ def _pattern_fields(pattern: re.Pattern[str], anchored: bool,
         match = find(text)
         if match is None:
             return {}, error
+        fields = match.groupdict()
         if renamed:
-            return {names[k]: v for k, v in match.groupdict().items() if v is not None}, None
-        return {k: v for k, v in match.groupdict().items() if v is not None}, None
+            return {names[k]: v for k, v in fields.items() if v is not None}, None
+        if None in fields.values():
+            return {k: v for k, v in fields.items() if v is not None}, None
+        return fields, None
 
     return extract
 

@@ -30,7 +30,7 @@ from agent.config import CouchDBConfig, ShippingConfig
 from agent.deadletter import DeadLetterFile, Rejection
 from agent.queue import DocumentQueue
 from agent.spool import Spool
-from agent.types import Ack, Acknowledge, Document
+from agent.types import Acknowledge, Document
 
 log = structlog.get_logger("agent.shipper")
 
@@ -249,7 +249,7 @@ class Shipper:
             await self._dead_letter(outcome.rejected)
         done = outcome.stored + outcome.conflicts + [r.doc for r in outcome.rejected]
         if not replayed:
-            self.acknowledge([Ack(d.file, d.end) for d in done])
+            self.acknowledge(done)
         self.stats.stored += len(outcome.stored)
         self.stats.conflicts += len(outcome.conflicts)
         if done:
@@ -264,7 +264,7 @@ class Shipper:
         if len(batch) == 1:
             await self._dead_letter([Rejection(batch[0], error, reason)])
             if not replayed:
-                self.acknowledge([Ack(batch[0].file, batch[0].end)])
+                self.acknowledge(batch[:1])
             return
         half = len(batch) // 2
         work.appendleft(batch[half:])
@@ -279,7 +279,7 @@ class Shipper:
         while docs:
             if await self._append(docs):
                 self.stats.spooled += len(docs)
-                self.acknowledge([Ack(d.file, d.end) for d in docs])
+                self.acknowledge(docs)
                 self._backpressure(False)
                 return
             self._backpressure(True)

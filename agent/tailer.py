@@ -49,7 +49,7 @@ from agent.identity import (
 from agent.lines import splitter_for
 from agent.multiline import MultilineAssembler
 from agent.offsets import FileProgress, OffsetStore
-from agent.types import FileId, LineSink, RawLine, SourceFile
+from agent.types import FileId, Lines, LineSink, SourceFile
 
 READ_CHUNK = 256 * 1024
 MIN_COPY_OFFSET = FINGERPRINT_BYTES + MARKER_BYTES
@@ -234,7 +234,7 @@ class Tailer:
             return None
         return data
 
-    async def _hand_on(self, lines: list[RawLine], end_marker: str) -> None:
+    async def _hand_on(self, lines: Lines, end_marker: str) -> None:
         assert self.file is not None
         if self.multiline is not None:
             lines = self.multiline.feed(lines)
@@ -243,7 +243,7 @@ class Tailer:
             end_marker = await asyncio.to_thread(read_marker, self.fd, lines[-1].end)
         await self._emit(lines, end_marker)
 
-    async def _emit(self, lines: list[RawLine], end_marker: str) -> None:
+    async def _emit(self, lines: Lines, end_marker: str) -> None:
         assert self.file is not None
         await self.owner.sinks[self.source.name](self.file, self.path, lines, end_marker)
 
@@ -252,13 +252,15 @@ class Tailer:
         if self.multiline is not None and self.file is not None:
             event = self.multiline.flush()
             if event is not None:
-                await self._emit([event], await asyncio.to_thread(read_marker, self.fd, event.end))
+                await self._emit(Lines.of([event]),
+                                 await asyncio.to_thread(read_marker, self.fd, event.end))
 
     async def _finish(self) -> None:
         """The file is done: its unterminated last line, if any, is a line too."""
         line = self.splitter.flush() if self.file is not None else None
         if line is not None:
-            await self._hand_on([line], await asyncio.to_thread(read_marker, self.fd, line.end))
+            await self._hand_on(Lines.of([line]),
+                                await asyncio.to_thread(read_marker, self.fd, line.end))
         await self._flush_event()
         unread = self.seen_size - self.splitter.position
         self.log.info("file_released", offset=self.splitter.position, unread_bytes=max(unread, 0))

@@ -100,6 +100,8 @@ def test_password_file(tmp_path: Path) -> None:
      "s.yaml: include: item 1: invalid regular"),
     (None, {"s.yaml": {**GOOD_SOURCE, "exclude": {"a": 1}}}, "s.yaml: exclude: expected a list of strings"),
     (None, {"s.yaml": {**GOOD_SOURCE, "fields": {"_rev": "1"}}}, "s.yaml: fields._rev: field names starting"),
+    (None, {"s.yaml": {**GOOD_SOURCE, "fields": {"agent": "x"}}},
+     "s.yaml: fields.agent: 'agent' holds the agent's metadata (metadata_key)"),
     (None, {"s.yaml": {**GOOD_SOURCE, "fields": ["a"]}}, "s.yaml: fields: expected a mapping"),
     (None, {"s.yaml": {**GOOD_SOURCE, "fields": {"a": {"b": 1}}}},
      "fields: field 'a': expected a plain value"),

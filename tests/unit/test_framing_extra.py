@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from agent.identity import FINGERPRINT_BYTES, fingerprint, last_line_end, marker, read_marker
 from agent.lines import LineSplitter, WideLineSplitter, splitter_for
 from agent.multiline import MultilineAssembler
-from agent.types import RawLine
+from agent.types import Lines, RawLine
 
 
 def frame(splitter: LineSplitter | WideLineSplitter, chunks: list[bytes]) -> list[RawLine]:
@@ -54,14 +54,14 @@ def test_wide_long_lines_are_truncated_and_stay_in_step() -> None:
 START = re.compile(r"^\[\d{4}-")
 
 
-def lines_of(text: str) -> list[RawLine]:
+def lines_of(text: str) -> Lines:
     return LineSplitter(10_000).feed(text.encode())
 
 
 def test_multiline_joins_continuation_lines_and_keeps_offsets() -> None:
     text = "head\n[2016-1] a\n\tat x\n\tat y\n[2016-2] b\n[2016-3] c\n\tat z\n"
     assembler = MultilineAssembler(START, 1000)
-    events = assembler.feed(lines_of(text))
+    events = list(assembler.feed(lines_of(text)))
     last = assembler.flush()
     assert last is not None
     events.append(last)
@@ -74,7 +74,7 @@ def test_multiline_joins_continuation_lines_and_keeps_offsets() -> None:
 
 def test_multiline_event_over_the_limit_is_truncated_but_covers_all_its_lines() -> None:
     assembler = MultilineAssembler(START, 12)
-    events = assembler.feed(lines_of("[2016-1] abc\n more\n more\n[2016-2]\n"))
+    events = list(assembler.feed(lines_of("[2016-1] abc\n more\n more\n[2016-2]\n")))
     assert events == [RawLine(0, 25, b"[2016-1] abc", truncated=True)]
 
 

@@ -9,50 +9,54 @@ from agent.lines import LineSplitter
 from agent.types import RawLine
 
 
+def feed(splitter: LineSplitter, data: bytes) -> list[RawLine]:
+    return list(splitter.feed(data))
+
+
 def test_complete_lines_only_and_offsets() -> None:
     s = LineSplitter(100)
-    assert s.feed(b"ab\ncd") == [RawLine(0, 3, b"ab")]
-    assert s.feed(b"e\n\n") == [RawLine(3, 7, b"cde"), RawLine(7, 8, b"")]
+    assert feed(s, b"ab\ncd") == [RawLine(0, 3, b"ab")]
+    assert feed(s, b"e\n\n") == [RawLine(3, 7, b"cde"), RawLine(7, 8, b"")]
     assert s.flush() is None
 
 
 def test_crlf_belongs_to_the_line_ending_even_when_split() -> None:
     s = LineSplitter(100)
-    assert s.feed(b"a\r") == []
-    assert s.feed(b"\nb\r\n") == [RawLine(0, 3, b"a"), RawLine(3, 6, b"b")]
+    assert feed(s, b"a\r") == []
+    assert feed(s, b"\nb\r\n") == [RawLine(0, 3, b"a"), RawLine(3, 6, b"b")]
 
 
 def test_resumes_at_an_offset() -> None:
     s = LineSplitter(100, offset=50)
-    assert s.feed(b"x\n") == [RawLine(50, 52, b"x")]
+    assert feed(s, b"x\n") == [RawLine(50, 52, b"x")]
 
 
 def test_flush_returns_the_unterminated_last_line() -> None:
     s = LineSplitter(100)
-    s.feed(b"a\nlast")
+    feed(s, b"a\nlast")
     assert s.flush() == RawLine(2, 6, b"last")
     assert s.flush() is None
 
 
 def test_long_line_in_one_chunk_is_truncated_and_offsets_stay_in_step() -> None:
     s = LineSplitter(4)
-    assert s.feed(b"123456789\nok\n") == [RawLine(0, 10, b"1234", truncated=True),
+    assert feed(s, b"123456789\nok\n") == [RawLine(0, 10, b"1234", truncated=True),
                                          RawLine(10, 13, b"ok")]
 
 
 def test_line_exactly_at_the_limit_with_crlf_arriving_apart_is_not_truncated() -> None:
     s = LineSplitter(4)
-    assert s.feed(b"abcd") == []
-    assert s.feed(b"\r") == []
-    assert s.feed(b"\n") == [RawLine(0, 6, b"abcd")]
+    assert feed(s, b"abcd") == []
+    assert feed(s, b"\r") == []
+    assert feed(s, b"\n") == [RawLine(0, 6, b"abcd")]
 
 
 def test_long_line_over_many_chunks_keeps_memory_bounded() -> None:
     s = LineSplitter(4)
     for _ in range(1000):
-        assert s.feed(b"x" * 1000) == []
+        assert feed(s, b"x" * 1000) == []
         assert len(s._tail) <= 4
-    assert s.feed(b"y\nz\n") == [RawLine(0, 1_000_002, b"xxxx", truncated=True),
+    assert feed(s, b"y\nz\n") == [RawLine(0, 1_000_002, b"xxxx", truncated=True),
                                  RawLine(1_000_002, 1_000_004, b"z")]
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from agent.config import Problem, SourceConfig, source_from_mapping
 from agent.counters import SourceCounters
-from agent.parser import LineContext, SourceParser, document_id
-from agent.types import FileId, RawLine, SourceFile
+from agent.parser import LineContext, SourceParser, id_prefix
+from agent.types import FileId, Lines, RawLine, SourceFile
 
 FILE = FileId(0xFE00, 0x1234, "ab12cd34ef56ab78")
 
@@ -26,10 +26,11 @@ def make_parser(**keys: Any) -> tuple[SourceParser, SourceCounters]:
 
 def parse(parser: SourceParser, text: bytes | str) -> dict[str, Any] | None:
     data = text.encode() if isinstance(text, str) else text
-    parsed = parser.parse(RawLine(0, len(data) + 1, data))
-    if parsed is None:
+    kept = list(parser.kept(Lines.of([RawLine(0, len(data) + 1, data)])))
+    if not kept:
         return None
-    return {**parsed.fields, **({"!error": parsed.error} if parsed.error else {})}
+    _, fields, error = kept[0]
+    return {**fields, **({"!error": error} if error else {})}
 
 
 def test_schema_with_static_fields() -> None:
@@ -107,19 +108,48 @@ def test_document_has_deterministic_sortable_id_and_metadata() -> None:
     parser, counters = make_parser(schema="$a", metadata_key="meta")
     context = LineContext(SourceFile("t", FILE), "/var/log/x.log", "2026-01-01T00:00:00.000+00:00")
     lines = [RawLine(0, 4, b"abc"), RawLine(4, 5, b""), RawLine(5, 4000, b"long", truncated=True)]
-    docs = parser.documents(lines, context)
+    docs = parser.documents(Lines.of(lines), context)
     assert [d.end for d in docs] == [4, 4000]
     first, second = (orjson.loads(d.body) for d in docs)
-    assert first["_id"] == document_id("t", FILE, 0) == "t:fe00.1234.ab12cd34ef56ab78:000000000000"
+    assert first["_id"] == "t:fe00.1234.ab12cd34ef56ab78:000000000000"
     assert first["meta"] == {"source": "t", "host": "host1", "path": "/var/log/x.log",
                              "file": str(FILE), "offset": 0, "read_at": context.read_at}
     assert second["meta"]["truncated"] is True and counters.truncated == 1
     assert docs[0].doc_id < docs[1].doc_id
-    again = parser.documents(lines, context)
+    again = parser.documents(Lines.of(lines), context)
     assert [d.doc_id for d in again] == [d.doc_id for d in docs]
 
 
 @pytest.mark.parametrize("offsets", [(9, 10), (255, 256), (4095, 65536)])
 def test_ids_sort_like_offsets(offsets: tuple[int, int]) -> None:
-    a, b = (document_id("s", FILE, o) for o in offsets)
-    assert a < b
+    parser, _ = make_parser(schema="$a")
+    context = LineContext(SourceFile("t", FILE), "/x", "2026-01-01T00:00:00.000+00:00")
+    a, b = parser.documents(Lines.of([RawLine(o, o + 2, b"x") for o in offsets]), context)
+    assert a.doc_id.startswith(id_prefix("t", FILE)) and a.doc_id < b.doc_id
+
+
+LINES = [b"x NOTICE Ban 1.2.3.4", b"x NOTICE Unban 1.2.3.4", b"x INFO Ban 1.2.3.4", b"", b"   ",
+         b"\t\x00 NOTICE Ban", b"\x00 INFO", "x NOTICE Bän 1".encode(), "x NOTICE Ban é".encode(),
+         b"\xff NOTICE Ban", b"\xff INFO", "\u00a0".encode(), b"NOTICE Ban skip", b"\xef\xbb\xbfNOTICE Ban"]
+
+
+@pytest.mark.parametrize("words", [
+    {"include": ["NOTICE", "Ban"]}, {"exclude": ["skip", "INFO"]},
+    {"include": ["Ban"], "exclude": ["skip"]}, {"include": ["Bän"]}, {"include": [" "]},
+])
+def test_filters_on_bytes_keep_and_count_exactly_what_regex_filters_do(words: dict[str, list[str]]) -> None:
+    """Plain words are tried on the bytes first; the same words as regexes (which cannot be
+    tried on bytes) must keep the same lines and count every line the same way."""
+    as_regex = {key: [f"(?:{w})" for w in values] for key, values in words.items()}
+    lines = []
+    offset = 0
+    for data in LINES:
+        lines.append(RawLine(offset, offset + len(data) + 1, data))
+        offset += len(data) + 1
+    results = []
+    for keys in (words, as_regex):
+        parser, counters = make_parser(schema="_ $level $word...", **keys)
+        kept = list(parser.kept(Lines.of(lines)))
+        results.append((kept, counters.as_dict()))
+    assert results[0] == results[1]
+    assert results[0][1]["lines"] == len(LINES)
