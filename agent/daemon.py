@@ -44,6 +44,10 @@ TICK_SECONDS = 1.0
 PROGRESS_EVERY = 60.0
 STATUS_EVERY = 2.0
 """Seconds between status snapshots (`agent status` calls one older than STALE_AFTER stale)."""
+IDLE_STATUS_EVERY = 6.0
+"""Seconds between snapshots while nothing is read or sent: then a snapshot is only a sign of
+life, and with a thousand files followed, making it is most of what an idle agent does."""
+PRUNE_EVERY = 60.0
 STATUS_FILES = 10
 """Files listed by name in the status snapshot: the ones furthest behind."""
 FORGET_AFTER = 24 * 3600.0
@@ -73,8 +77,11 @@ class Agent:
         self._tailers: TailerSet | None = None
         self._watcher: Watcher | None = None
         self._settled: set[str] = set()
-        self._next_status = 0.0
         """Databases whose spool was empty at the last tick, their offsets settled."""
+        self._last_status = -IDLE_STATUS_EVERY
+        self._next_prune = 0.0
+        self._activity = -1
+        """What `_activity_count` was at the last snapshot."""
 
     async def run(self) -> None:
         with self._capture_signals():
@@ -162,12 +169,22 @@ class Agent:
             elif self.offsets.dirty or database not in self._settled:
                 self.offsets.settle(sources)
                 self._settled.add(database)
-        self.offsets.prune(time.time() - FORGET_AFTER)
+        now = time.monotonic()
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY
+            self.offsets.prune(time.time() - FORGET_AFTER)
         if self.offsets.dirty:
             await self._save_offsets()
-        if time.monotonic() >= self._next_status:
-            self._next_status = time.monotonic() + STATUS_EVERY
+        activity = self._activity_count()
+        since = now - self._last_status
+        if since >= IDLE_STATUS_EVERY or (since >= STATUS_EVERY and activity != self._activity):
+            self._last_status, self._activity = now, activity
             await asyncio.to_thread(self.status_file.write, self.status())
+
+    def _activity_count(self) -> int:
+        """Grows whenever a line is read or a request is sent."""
+        return (sum(c.lines for c in self.counters.values())
+                + sum(s.stats.requests + s.stats.spooled for s in self.shippers.values()))
 
     async def _save_offsets(self) -> None:
         try:

@@ -5,6 +5,7 @@ a few pass the filter but not the seed's schema, the rest are Ban lines.
 
     python bench/fail2ban_log.py --lines 1000000 --out /tmp/fail2ban.log
     python bench/fail2ban_log.py --lines 2000 --rate 400 --out log   # grows like a live log
+    python bench/fail2ban_log.py --lines 20000 --rate 1000 --live --out log  # stamped now (UTC)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 SEED_SCHEMA = r"$date $hour _ _ _ \[$process\] _ $ip"
+STAMP_LENGTH = len("2017-06-14 17:16:12,329")
 JAILS = ("sshd", "recidive", "nginx-http-auth", "postfix", "dovecot")
 
 
@@ -54,10 +56,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0, help="lines per second (0: all at once)")
+    parser.add_argument("--live", action="store_true",
+                        help="stamp each line with the time it is written (UTC, milliseconds)")
     args = parser.parse_args()
     with args.out.open("a", buffering=1 if args.rate else 1024 * 1024) as out:
         started = time.monotonic()
         for written, text in enumerate(lines(args.lines, args.seed), 1):
+            if args.live:
+                now = time.time()
+                text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)) + \
+                    f",{int(now * 1000) % 1000:03d}" + text[STAMP_LENGTH:]
             out.write(text + "\n")
             if args.rate:
                 ahead = written / args.rate - (time.monotonic() - started)

@@ -63,8 +63,8 @@ def agent_run(url: str, couch: CouchDB, log: Path, database: str, batch: int,
     return wall, cpu, rss
 
 
-def loader_bodies(log: Path) -> list[bytes]:
-    """The documents the agent sends, made by its own parser, in batches of 500 (untimed)."""
+def loader_bodies(log: Path, batch: int = 500) -> list[bytes]:
+    """The documents the agent sends, made by its own parser, in batches (untimed)."""
     problems: list[Problem] = []
     source = source_from_mapping("bench", {"name": "load", "paths": [str(log)], "schema": SEED_SCHEMA,
                                            "include": ["NOTICE", "Ban"], "fields": {"machine": "server"}},
@@ -74,7 +74,7 @@ def loader_bodies(log: Path) -> list[bytes]:
     context = LineContext(SourceFile("load", FileId(1, 1, "bench")), str(log), "2026-01-01T00:00:00Z")
     lines = LineSplitter(source.max_line_bytes).feed(log.read_bytes())
     docs = [d.body for d in parser.documents(lines, context)]
-    return [b'{"docs":[' + b",".join(docs[i:i + 500]) + b"]}" for i in range(0, len(docs), 500)]
+    return [b'{"docs":[' + b",".join(docs[i:i + batch]) + b"]}" for i in range(0, len(docs), batch)]
 
 
 async def plain_load(url: str, bodies: list[bytes], database: str, couch: CouchDB) -> float:
