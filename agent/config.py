@@ -73,6 +73,7 @@ class ShippingConfig:
     queue_max_docs: int
     queue_max_bytes: int
     retry_max_backoff: float
+    concurrency: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +307,8 @@ MAIN_KEYS: tuple[Key, ...] = (
     Key("shipping.batch_max_bytes", _size, 4 * 1024**2, "bytes per _bulk_docs request",
         shown="4MiB"),
     Key("shipping.linger", _duration, 0.2, "seconds a partial batch waits for more documents"),
+    Key("shipping.concurrency", _positive_int, 2, "_bulk_docs requests in flight at once per "
+        "database, so CouchDB stores one batch while the next is made"),
     Key("shipping.queue_max_docs", _positive_int, 20000, "documents held in memory per "
         "database before reading pauses"),
     Key("shipping.queue_max_bytes", _size, 32 * 1024**2, "bytes held in memory per database "
@@ -466,6 +469,7 @@ def load(path: Path) -> AgentConfig:
             queue_max_docs=main["shipping.queue_max_docs"],
             queue_max_bytes=main["shipping.queue_max_bytes"],
             retry_max_backoff=main["shipping.retry_max_backoff"],
+            concurrency=main["shipping.concurrency"],
         ),
         log_level=main["log.level"],
         log_format=main["log.format"],

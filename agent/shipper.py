@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
@@ -33,6 +33,9 @@ from agent.spool import Spool
 from agent.types import Acknowledge, Document
 
 log = structlog.get_logger("agent.shipper")
+
+FLIGHT_CHECK = 0.05
+"""Seconds the shipper waits for documents while sends are in flight, before landing them."""
 
 FINAL_DOC_ERRORS = frozenset({"forbidden", "unauthorized"})
 """Per-document errors that retrying cannot fix (a validate_doc_update refusal)."""
@@ -125,11 +128,19 @@ class ShipperStats:
 class Refused(Exception):
     """CouchDB could not take a batch now (unreachable, erroring, refusing the credentials)."""
 
+    def __init__(self, target: int) -> None:
+        super().__init__(target)
+        self.target = target
+        """Which of the URLs refused it."""
+
 
 class Shipper:
     """Ships one database's queue; the spool takes what CouchDB cannot take now.
 
-    While CouchDB answers, batches go straight to it, and the spool (if it
+    While CouchDB answers and the spool is empty, up to `shipping.concurrency`
+    batches are in flight at once, so CouchDB stores one while the agent reads
+    and encodes the next (acknowledgements may come out of order: offsets move
+    only over contiguous ones). Otherwise one batch at a time: the spool (if it
     holds anything) is replayed in turns with new batches, so neither starves.
     When a request fails, its batch and every batch after it go to the spool
     (fsynced, then acknowledged) and CouchDB is probed with the oldest spooled
@@ -153,6 +164,8 @@ class Shipper:
         self.healthy = True
         self.in_hand: list[Document] = []
         """A batch taken from the queue and not yet acknowledged (stored or spooled)."""
+        self._flights: dict[asyncio.Task[list[Document]], list[Document]] = {}
+        """Sends in flight, with their batches; each ends with the documents it left unsettled."""
         self._target = 0
         self._since_failover = 0.0
         self._next_probe = 0.0
@@ -162,33 +175,60 @@ class Shipper:
 
     @property
     def idle(self) -> bool:
-        return not self.in_hand and len(self.queue) == 0
+        return not self.in_hand and not self._flights and len(self.queue) == 0
 
     async def run(self) -> None:
         cfg = self.shipping
         while True:
+            await self._land("one" if len(self._flights) >= cfg.concurrency else "none")
             if self.spool.pending and self.healthy and self._replay_turn:
                 self._replay_turn = False
+                await self._land("all")
                 await self._replay()
                 continue
             self._replay_turn = True
-            if self.healthy:
+            if self._flights:
+                # Come back soon to land the sends in flight, even if no document arrives.
+                wait: float | None = FLIGHT_CHECK
+            elif self.healthy:
                 wait = 0.0 if self.spool.pending else None
             else:
                 wait = max(0.0, self._next_probe - time.monotonic())
             batch = await self.queue.take(cfg.batch_max_docs, cfg.batch_max_bytes, cfg.linger, wait)
-            self.in_hand = batch
-            if batch and self.healthy:
-                await self._to_spool(await self._send(batch, replayed=False))
+            if batch and self.healthy and not self.spool.pending:
+                self._flights[asyncio.create_task(self._send(batch, replayed=False))] = batch
             elif batch:
-                await self._to_spool(batch)
-            self.in_hand = []
+                self.in_hand = batch
+                await self._land("all")
+                await self._to_spool(await self._send(batch, replayed=False) if self.healthy
+                                     else batch)
+                self.in_hand = []
             if not self.healthy and time.monotonic() >= self._next_probe:
+                await self._land("all")
                 await self._replay()
 
+    async def _land(self, wait: Literal["none", "one", "all"]) -> None:
+        """Spool what finished sends left unsettled, after waiting for one or all of them.
+        A send stays listed until its leftovers are spooled, so a stop meanwhile spools them."""
+        if wait != "none" and self._flights:
+            await asyncio.wait(self._flights, return_when=asyncio.FIRST_COMPLETED
+                               if wait == "one" else asyncio.ALL_COMPLETED)
+        for task in [t for t in self._flights if t.done()]:
+            await self._to_spool(task.result())
+            del self._flights[task]
+
     async def spool_remaining(self) -> None:
-        """At shutdown, after `run` is cancelled: spool the batch in hand and the queue."""
-        docs = self.in_hand + self.queue.take_all()
+        """At shutdown, after `run` is cancelled: spool the batches in hand and the queue.
+        A send still in flight is cancelled and its whole batch spooled: what CouchDB stored of
+        it is answered `conflict` when it is sent again."""
+        for task in self._flights:
+            task.cancel("agent stopping")
+        await asyncio.gather(*self._flights, return_exceptions=True)
+        docs = list(self.in_hand)
+        for task, batch in self._flights.items():
+            docs += batch if task.cancelled() or task.exception() else task.result()
+        self._flights.clear()
+        docs += self.queue.take_all()
         self.in_hand = []
         if docs:
             await self._to_spool(docs, wait=False)
@@ -204,8 +244,8 @@ class Shipper:
             batch = work.popleft()
             try:
                 status, payload = await self._post(batch)
-            except Refused:
-                self._went_down()
+            except Refused as refused:
+                self._went_down(refused.target)
                 return unsettled + batch + [d for rest in work for d in rest]
             if status in (400, 413):
                 await self._split(batch, work, f"HTTP {status}", _reason(payload), replayed)
@@ -219,7 +259,8 @@ class Shipper:
     async def _post(self, batch: list[Document]) -> tuple[int, bytes]:
         """POST one `_bulk_docs`; the answer if it is one to act on, else raise Refused."""
         self._fail_back()
-        target = self.targets[self._target]
+        index = self._target
+        target = self.targets[index]
         self.stats.requests += 1
         try:
             async with self.session.post(
@@ -229,7 +270,7 @@ class Shipper:
                 status, payload = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._failed(target, "unreachable", f"{type(exc).__name__}: {exc}")
-            raise Refused from exc
+            raise Refused(index) from exc
         if status in (201, 202, 400, 413):
             return status, payload
         reason = _reason(payload)
@@ -242,7 +283,7 @@ class Shipper:
                 return await self._post(batch)
         else:
             self._failed(target, "server_error", f"HTTP {status} {reason}")
-        raise Refused
+        raise Refused(index)
 
     async def _settle(self, outcome: Outcome, replayed: bool) -> None:
         if outcome.rejected:
@@ -328,11 +369,12 @@ class Shipper:
 
     # -- health
 
-    def _went_down(self) -> None:
+    def _went_down(self, target: int) -> None:
         self.healthy = False
         self.stats.failures += 1
         self.stats.consecutive_failures += 1
-        if len(self.targets) > 1:
+        # Two sends in flight may fail on one URL: fail over once, not back and forth.
+        if len(self.targets) > 1 and target == self._target:
             self._target = (self._target + 1) % len(self.targets)
             self._since_failover = time.monotonic()
             self.log.warning("couchdb_failover", url=self.targets[self._target].url)

@@ -17,6 +17,7 @@ Sections (each names its own command-line knobs):
 - catchup: a ~1 GB backlog (--catchup-lines) shipped from a cold start.
 - backend: the agent against the test backend (pouchdb-server; COUCHDB_URL if set) beside a
   plain loader posting the same documents, already encoded, in batches of 1000.
+- durability: the spool's and the state file's writes timed with and without fsync.
 
 Needs root the first time: it installs Debian's nginx, its njs module and syslog-ng.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import calendar
+import contextlib
 import os
 import statistics
 import subprocess
@@ -36,12 +38,15 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.offsets import StateFile  # noqa: E402
+from agent.spool import Spool  # noqa: E402
 from backend.pouchdb_server import PouchDBServer  # noqa: E402
 from bench import ship_speed  # noqa: E402
 from bench.fail2ban_log import lines as fail2ban_lines  # noqa: E402
@@ -61,7 +66,7 @@ from bench.peers import (  # noqa: E402
 from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
 from tests.couch import CouchDB  # noqa: E402
 
-SECTIONS = ("throughput", "latency", "idle", "catchup", "backend")
+SECTIONS = ("throughput", "latency", "idle", "catchup", "backend", "durability")
 Report = list[str]
 
 
@@ -247,6 +252,43 @@ def backend(args: argparse.Namespace, work: Path, report: Report) -> dict[str, A
     return {"loader_s": loader, "agent_s": agent, "share": loader / agent}
 
 
+def durability(args: argparse.Namespace, work: Path, report: Report) -> dict[str, Any]:
+    """What fsync costs where the agent keeps it: the spool (every batch written to it) and the
+    offsets state file (at most once a second). The same code timed with os.fsync a no-op."""
+    docs = ship_speed.workload_documents(workload(args.backend_lines))
+    batches = [docs[i:i + 1000] for i in range(0, len(docs), 1000)]
+    snapshot = {"version": 1, "files": {f"s/{i:x}.{i:x}.{'ab' * 8}": {
+        "path": f"/var/log/f{i}.log", "offset": i * 1000, "updated": 0.0, "marker_offset": 0,
+        "marker": None, "delivered": None} for i in range(args.files)}}
+    results: dict[str, Any] = {}
+    for durable in (True, False):
+        with contextlib.ExitStack() as stack:
+            if not durable:
+                stack.enter_context(mock.patch("os.fsync"))
+            folder = work / f"durability-{durable}"
+            spool = Spool(folder / "spool", 1 << 40, 64 << 20)
+            spool.open()
+            started = time.perf_counter()
+            for batch in batches:
+                spool.append(batch)
+            spool_s = time.perf_counter() - started
+            spool.close()
+            state = StateFile(folder / "state")
+            state.path.parent.mkdir(parents=True)
+            started = time.perf_counter()
+            for _ in range(20):
+                state.save(snapshot)
+            save_ms = (time.perf_counter() - started) / 20 * 1000
+        results["fsync" if durable else "no fsync"] = {"spool_docs_per_s": len(docs) / spool_s,
+                                                       "state_save_ms": save_ms}
+    report += [f"### Durability: fsync kept, and what it costs ({len(docs):,} documents spooled "
+               f"in batches of 1000; a state file of {args.files:,} files saved 20 times)", "",
+               "| | spool docs/s | state save ms |", "| --- | ---: | ---: |",
+               *(f"| {name} | {r['spool_docs_per_s']:,.0f} | {r['state_save_ms']:.1f} |"
+                 for name, r in results.items()), ""]
+    return results
+
+
 def vars_of(usage: Usage) -> dict[str, float]:
     return {"wall": usage.wall, "cpu": usage.cpu, "peak_rss": usage.peak_rss}
 
@@ -257,7 +299,7 @@ def progress(text: str) -> None:
 
 RUNNERS: dict[str, Callable[[argparse.Namespace, Path, Report], dict[str, Any]]] = {
     "throughput": throughput, "latency": latency, "idle": idle, "catchup": catchup,
-    "backend": backend}
+    "backend": backend, "durability": durability}
 
 
 def main() -> int:

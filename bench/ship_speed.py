@@ -31,7 +31,7 @@ from agent.config import Problem, source_from_mapping  # noqa: E402
 from agent.counters import SourceCounters  # noqa: E402
 from agent.lines import LineSplitter  # noqa: E402
 from agent.parser import LineContext, SourceParser  # noqa: E402
-from agent.types import FileId, SourceFile  # noqa: E402
+from agent.types import Document, FileId, SourceFile  # noqa: E402
 from backend.pouchdb_server import PouchDBServer  # noqa: E402
 from bench.fail2ban_log import SEED_SCHEMA  # noqa: E402
 from bench.parse_speed import workload  # noqa: E402
@@ -63,8 +63,8 @@ def agent_run(url: str, couch: CouchDB, log: Path, database: str, batch: int,
     return wall, cpu, rss
 
 
-def loader_bodies(log: Path, batch: int = 500) -> list[bytes]:
-    """The documents the agent sends, made by its own parser, in batches (untimed)."""
+def workload_documents(log: Path) -> list[Document]:
+    """The documents the agent makes of `log`, made by its own parser (untimed)."""
     problems: list[Problem] = []
     source = source_from_mapping("bench", {"name": "load", "paths": [str(log)], "schema": SEED_SCHEMA,
                                            "include": ["NOTICE", "Ban"], "fields": {"machine": "server"}},
@@ -72,8 +72,12 @@ def loader_bodies(log: Path, batch: int = 500) -> list[bytes]:
     assert source is not None and not problems
     parser = SourceParser(source, "bench", SourceCounters())
     context = LineContext(SourceFile("load", FileId(1, 1, "bench")), str(log), "2026-01-01T00:00:00Z")
-    lines = LineSplitter(source.max_line_bytes).feed(log.read_bytes())
-    docs = [d.body for d in parser.documents(lines, context)]
+    return parser.documents(LineSplitter(source.max_line_bytes).feed(log.read_bytes()), context)
+
+
+def loader_bodies(log: Path, batch: int = 500) -> list[bytes]:
+    """The agent's documents of `log` as `_bulk_docs` bodies of `batch` documents."""
+    docs = [d.body for d in workload_documents(log)]
     return [b'{"docs":[' + b",".join(docs[i:i + batch]) + b"]}" for i in range(0, len(docs), batch)]
 
 
