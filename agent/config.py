@@ -309,7 +309,7 @@ MAIN_KEYS: tuple[Key, ...] = (
     Key("shipping.linger", _duration, 0.2, "seconds a partial batch waits for more documents"),
     Key("shipping.concurrency", _positive_int, 2, "_bulk_docs requests in flight at once per "
         "database, so CouchDB stores one batch while the next is made"),
-    Key("shipping.queue_max_docs", _positive_int, 20000, "documents held in memory per "
+    Key("shipping.queue_max_docs", _positive_int, 5000, "documents held in memory per "
         "database before reading pauses"),
     Key("shipping.queue_max_bytes", _size, 32 * 1024**2, "bytes held in memory per database "
         "before reading pauses", shown="32MiB"),

@@ -223,12 +223,15 @@ def _extractor(source: SourceConfig, rename: Callable[[str], str]) -> Extractor:
     return _pattern_fields(source.pattern, source.format == "schema", rename)
 
 
-def _pattern_fields(pattern: re.Pattern[str], anchored: bool,
+def _pattern_fields(pattern: re.Pattern[str], schema: bool,
                     rename: Callable[[str], str]) -> Extractor:
-    find = pattern.match if anchored else pattern.search
-    error = f"line does not match the {'schema' if anchored else 'regex'}"
+    find = pattern.match if schema else pattern.search
+    error = f"line does not match the {'schema' if schema else 'regex'}"
     names = {name: rename(name) for name in pattern.groupindex}
     renamed = any(name != new for name, new in names.items())
+    # A schema's captures all take part in every match; a regex's may not (`(?P<a>x)?`), and
+    # those are left out. Looking for None costs a comparison per field, so only regexes do.
+    may_miss = not schema
 
     def extract(text: str) -> tuple[dict[str, Any], str | None]:
         match = find(text)
@@ -237,7 +240,7 @@ def _pattern_fields(pattern: re.Pattern[str], anchored: bool,
         fields = match.groupdict()
         if renamed:
             return {names[k]: v for k, v in fields.items() if v is not None}, None
-        if None in fields.values():
+        if may_miss and None in fields.values():
             return {k: v for k, v in fields.items() if v is not None}, None
         return fields, None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import operator
 import random
 import time
 from collections import deque
@@ -33,6 +34,8 @@ from agent.spool import Spool
 from agent.types import Acknowledge, Document
 
 log = structlog.get_logger("agent.shipper")
+
+BODY = operator.attrgetter("body")
 
 FLIGHT_CHECK = 0.05
 """Seconds the shipper waits for documents while sends are in flight, before landing them."""
@@ -107,7 +110,7 @@ def classify_results(docs: Sequence[Document], results: Any) -> Outcome:
 
 
 def bulk_body(docs: Sequence[Document]) -> bytes:
-    return b'{"docs":[' + b",".join(d.body for d in docs) + b"]}"
+    return b'{"docs":[' + b",".join(map(BODY, docs)) + b"]}"
 
 
 @dataclass(slots=True)
