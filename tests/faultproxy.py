@@ -32,6 +32,9 @@ class FaultProxy:
         self.delay = 0.3
         self.requests = 0
         self.faults = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        """The most requests the proxy was handling at once."""
         self.port = 0
         self._random = random.Random(seed)
         self._loop = asyncio.new_event_loop()
@@ -85,6 +88,14 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request, session: ClientSession) -> web.StreamResponse:
         self.requests += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await self._answer(request, session)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request, session: ClientSession) -> web.StreamResponse:
         body = await request.read()
         mode = self.mode if self.mode != "flap" else self._random.choice(FLAP)
         if mode == "413" and len(body) <= self.max_body:

@@ -158,6 +158,27 @@ def test_c_backend_flapping(tmp_path: Path, logs: Path, couch: CouchDB, couchdb_
     assert '"batch_split"' in flow.agent.log()
 
 
+def test_sends_in_flight_stay_bounded_and_settle_exactly_through_faults(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
+        proxy: FaultProxy) -> None:
+    """Several batches in flight at once (shipping.concurrency), some failing while others
+    succeed: every line still lands exactly once, and no more requests than allowed overlap."""
+    flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs,
+                    shipping={"batch_max_docs": 200, "concurrency": 4})
+    proxy.delay = 0.2
+    proxy.set("slow")
+    written = append(logs / "app.log", numbered("fly", 0, 20_000))
+    flow.start()
+    wait_for(lambda: proxy.requests >= 20, 60, "requests to overlap")
+    proxy.set("flap")
+    time.sleep(3)
+    proxy.set("pass")
+    flow.wait_for(written, timeout=120)
+    flow.stop()
+    assert proxy.most_in_flight == 4
+    assert proxy.faults > 0
+
+
 def test_d_spool_cap_reached_pauses_reading_and_loses_nothing(
         tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
         proxy: FaultProxy) -> None:
