@@ -313,7 +313,7 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=60)
     parser.add_argument("--catchup-lines", type=int, default=10_500_000, help="~1 GB")
     parser.add_argument("--backend-lines", type=int, default=100_000)
-    parser.add_argument("--backend-runs", type=int, default=3)
+    parser.add_argument("--backend-runs", type=int, default=5)
     args = parser.parse_args()
     install()
     report: Report = [f"## couchlog agent benchmarks ({time.strftime('%Y-%m-%d')}, "

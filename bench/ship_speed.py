@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
@@ -31,6 +32,7 @@ from agent.config import Problem, source_from_mapping  # noqa: E402
 from agent.counters import SourceCounters  # noqa: E402
 from agent.lines import LineSplitter  # noqa: E402
 from agent.parser import LineContext, SourceParser  # noqa: E402
+from agent.shipper import basic_auth  # noqa: E402
 from agent.types import Document, FileId, SourceFile  # noqa: E402
 from backend.pouchdb_server import PouchDBServer  # noqa: E402
 from bench.fail2ban_log import SEED_SCHEMA  # noqa: E402
@@ -84,17 +86,16 @@ def loader_bodies(log: Path, batch: int = 500) -> list[bytes]:
 async def plain_load(url: str, bodies: list[bytes], database: str, couch: CouchDB) -> float:
     couch.delete_db(database)
     couch.create_db(database)
-    parts = url.split("@")
-    auth = None
-    if len(parts) == 2:
-        user, password = parts[0].split("//")[1].split(":")
-        auth = aiohttp.BasicAuth(user, password)
-        url = parts[0].split("//")[0] + "//" + parts[1]
+    parts = urlsplit(url)
+    headers = {"Content-Type": "application/json"}
+    if parts.username is not None:
+        headers.update(basic_auth(unquote(parts.username), unquote(parts.password or "")))
+        url = f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path.rstrip('/')}"
     started = time.monotonic()
-    async with aiohttp.ClientSession(auth=auth) as session:
+    async with aiohttp.ClientSession() as session:
         for body in bodies:
             async with session.post(f"{url}/{database}/_bulk_docs", data=body,
-                                    headers={"Content-Type": "application/json"}) as response:
+                                    headers=headers) as response:
                 await response.read()
     return time.monotonic() - started
 
