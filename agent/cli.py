@@ -219,8 +219,7 @@ def _render(parser: SourceParser, lines: Lines) -> bytes:
         if error is not None:
             fields[meta_key] = {"parse_error": error}
         out.append(dumps(fields))
-    out.append(b"")
-    return b"\n".join(out) if len(out) > 1 else b""
+    return b"\n".join(out) + b"\n" if out else b""
 
 
 def _chunks_of_lines(name: str, max_line_bytes: int) -> Iterator[Lines]:

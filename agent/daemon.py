@@ -48,6 +48,7 @@ IDLE_STATUS_EVERY = 6.0
 """Seconds between snapshots while nothing is read or sent: then a snapshot is only a sign of
 life, and with a thousand files followed, making it is most of what an idle agent does."""
 PRUNE_EVERY = 60.0
+"""Seconds between looks for offsets old enough to forget (FORGET_AFTER is a day)."""
 STATUS_FILES = 10
 """Files listed by name in the status snapshot: the ones furthest behind."""
 FORGET_AFTER = 24 * 3600.0
