@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.pouchdb_server import free_port  # noqa: E402
-from bench.fail2ban_log import SEED_SCHEMA  # noqa: E402
+from bench.fail2ban_log import SEED_SCHEMA, count_kept  # noqa: E402
 from bench.parse_speed import workload  # noqa: E402
 from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
 from tests.agentproc import write_config  # noqa: E402
@@ -33,7 +33,7 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=1_000_000)
     args = parser.parse_args()
     log = workload(args.lines)
-    kept = sum(1 for line in log.open() if "NOTICE" in line and "Ban" in line)
+    kept = count_kept(log)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         # A port that was free a moment ago: nothing listens there.

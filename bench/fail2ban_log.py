@@ -44,6 +44,17 @@ def line(rng: random.Random, index: int) -> str:
     return f"{stamp} fail2ban.actions        [1112]: NOTICE  [{jail}] Unban {ip}"
 
 
+def seed_keeps(text: str) -> bool:
+    """Whether the seed's filter (`grep NOTICE | grep Ban`) keeps this line."""
+    return "NOTICE" in text and "Ban" in text
+
+
+def count_kept(path: Path) -> int:
+    """How many lines of the log at `path` the seed's filter keeps: the documents it makes."""
+    with path.open(encoding="utf-8") as log:
+        return sum(1 for text in log if seed_keeps(text))
+
+
 def lines(count: int, seed: int = 1, start: int = 0) -> Iterator[str]:
     rng = random.Random(seed * 1_000_003 + start)
     for index in range(start, start + count):

@@ -33,7 +33,7 @@ SINK = ROOT / "bench" / "sink"
 sys.path.insert(0, str(ROOT))
 
 from backend.pouchdb_server import free_port  # noqa: E402
-from bench.fail2ban_log import SEED_SCHEMA  # noqa: E402
+from bench.fail2ban_log import SEED_SCHEMA, seed_keeps  # noqa: E402
 from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
 
 PACKAGES = {"nginx": "/usr/sbin/nginx",
@@ -63,7 +63,7 @@ def expected_documents(paths: Iterable[Path]) -> Counter[bytes]:
         with path.open(encoding="utf-8") as log:
             for line in log:
                 text = line.rstrip("\n")
-                if "NOTICE" not in text or "Ban" not in text:
+                if not seed_keeps(text):
                     continue
                 match = SEED_REGEX.match(text)
                 fields = match.groupdict() if match else {"message": text}

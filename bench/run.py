@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import calendar
 import contextlib
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -49,6 +50,7 @@ from agent.offsets import StateFile  # noqa: E402
 from agent.spool import Spool  # noqa: E402
 from backend.pouchdb_server import PouchDBServer  # noqa: E402
 from bench import ship_speed  # noqa: E402
+from bench.fail2ban_log import count_kept, seed_keeps  # noqa: E402
 from bench.fail2ban_log import lines as fail2ban_lines  # noqa: E402
 from bench.parse_speed import workload  # noqa: E402
 from bench.peers import (  # noqa: E402
@@ -93,7 +95,7 @@ def throughput(args: argparse.Namespace, work: Path, report: Report) -> dict[str
           for name, u in medians.items()),
         f"| **agent / {PEERS[1].name}** | **{agent.wall / peer.wall:.2f}** | "
         f"**{agent.cpu / peer.cpu:.2f}** | **{agent.peak_rss / peer.peak_rss:.2f}** | |", ""]
-    return {name: vars_of(u) for name, u in medians.items()}
+    return {name: dataclasses.asdict(u) for name, u in medians.items()}
 
 
 def latency(args: argparse.Namespace, work: Path, report: Report) -> dict[str, Any]:
@@ -190,7 +192,7 @@ def idle(args: argparse.Namespace, work: Path, report: Report) -> dict[str, Any]
 def idle_logs(folder: Path, files: int) -> tuple[Path, Counter[bytes]]:
     """`files` logs of three Ban lines each, and the documents they make."""
     folder.mkdir()
-    bans = (line for line in fail2ban_lines(files * 10) if "NOTICE" in line and "Ban" in line)
+    bans = (line for line in fail2ban_lines(files * 10) if seed_keeps(line))
     for i in range(files):
         (folder / f"f{i:04d}.log").write_text("".join(next(bans) + "\n" for _ in range(3)))
     return folder, expected_documents(sorted(folder.glob("*.log")))
@@ -198,14 +200,11 @@ def idle_logs(folder: Path, files: int) -> tuple[Path, Counter[bytes]]:
 
 def catchup(args: argparse.Namespace, work: Path, report: Report) -> dict[str, Any]:
     log = workload(args.catchup_lines)
-    count = 0
-    with log.open("rb") as f:
-        for line in f:
-            count += b"NOTICE" in line and b"Ban" in line
+    count = count_kept(log)
     results = {}
     for peer in PEERS:
         usage = ship(peer, str(log), count, work / f"catchup-{peer.slug}")
-        results[peer.name] = vars_of(usage)
+        results[peer.name] = dataclasses.asdict(usage)
         progress(f"catch-up {peer.name}: {usage.wall:.1f} s, {usage.cpu:.1f} CPU s, "
                  f"{usage.peak_rss:.0f} MiB")
     size = log.stat().st_size
@@ -287,10 +286,6 @@ def durability(args: argparse.Namespace, work: Path, report: Report) -> dict[str
                *(f"| {name} | {r['spool_docs_per_s']:,.0f} | {r['state_save_ms']:.1f} |"
                  for name, r in results.items()), ""]
     return results
-
-
-def vars_of(usage: Usage) -> dict[str, float]:
-    return {"wall": usage.wall, "cpu": usage.cpu, "peak_rss": usage.peak_rss}
 
 
 def progress(text: str) -> None:

@@ -35,7 +35,7 @@ from agent.parser import LineContext, SourceParser  # noqa: E402
 from agent.shipper import basic_auth  # noqa: E402
 from agent.types import Document, FileId, SourceFile  # noqa: E402
 from backend.pouchdb_server import PouchDBServer  # noqa: E402
-from bench.fail2ban_log import SEED_SCHEMA  # noqa: E402
+from bench.fail2ban_log import SEED_SCHEMA, count_kept  # noqa: E402
 from bench.parse_speed import workload  # noqa: E402
 from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
 from tests.agentproc import write_config  # noqa: E402
@@ -47,7 +47,7 @@ def agent_run(url: str, couch: CouchDB, log: Path, database: str, batch: int,
     """Wall seconds until every document is stored, CPU seconds, peak RSS MiB."""
     couch.delete_db(database)
     couch.create_db(database)
-    kept = sum(1 for line in log.open() if "NOTICE" in line and "Ban" in line)
+    kept = count_kept(log)
     config = write_config(work / f"etc-{batch}-{time.monotonic_ns()}", url, [{
         "name": "fail2ban", "database": database, "paths": [str(log)], "include": ["NOTICE", "Ban"],
         "schema": SEED_SCHEMA, "fields": {"machine": "server"}}],
