@@ -183,7 +183,7 @@ def _parse(args: argparse.Namespace) -> int:
 def _parse_source(args: argparse.Namespace) -> SourceConfig:
     problems: list[Problem] = []
     if args.source is not None:
-        config = config_module.load(_config_path(args))
+        config = config_module.load(_config_path(args), need_secret=False)
         for source in config.sources:
             if source.name == args.source:
                 return source

@@ -544,7 +544,6 @@ def _keys(record: type, prefix: str = "", optional: bool = False) -> Iterator[Ke
 
 MAIN_KEYS: tuple[Key, ...] = tuple(_keys(AgentConfig))
 SOURCE_KEYS: tuple[Key, ...] = tuple(_keys(SourceConfig))
-_SECRET_KEYS = frozenset({"couchdb.password"})
 
 
 # -- loading

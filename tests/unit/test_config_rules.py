@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import os
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args
@@ -211,6 +213,11 @@ def test_status_needs_no_password(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert cfg.couchdb.password is None and cfg.couchdb.username == "w"
     assert main(["status", "-c", str(path)]) == 3, capsys.readouterr()
     assert "config error" not in capsys.readouterr().err
+    log = tmp_path / "app.log"
+    log.write_text("hello world\n")
+    parsed = subprocess.run([sys.executable, "-m", "agent", "parse", "-c", str(path), "--source", "app",
+                             str(log)], capture_output=True, text=True, timeout=60)
+    assert parsed.returncode == 0 and '"msg":"hello world"' in parsed.stdout, parsed
 
 
 # -- item 5: YAML values mean what they look like
