@@ -607,15 +607,35 @@ def _flatten(data: Mapping[str, Any], leaves: set[str], prefix: str = "") -> dic
     return flat
 
 
-def _is_cyclic(data: object, seen: tuple[int, ...] = ()) -> bool:
-    """True if a YAML alias makes `data` contain itself (`a: &x [*x]`)."""
-    if not isinstance(data, dict | list):
-        return False
-    if id(data) in seen:
-        return True
-    inner = (*seen, id(data))
-    items = data.values() if isinstance(data, dict) else data
-    return any(_is_cyclic(item, inner) for item in items)
+MAX_NODES = 100_000
+"""A config expands to far fewer nodes; more means aliases multiply it (a "billion laughs")."""
+
+
+def _expanded_nodes(root: object) -> int | None:
+    """How many nodes `root` has once YAML aliases are expanded; None if an alias makes a node
+    contain itself (`a: &x [*x]`). Each shared node is sized once, so this is linear."""
+    sizes: dict[int, int] = {}
+    inside: set[int] = set()
+
+    def size(node: object) -> int | None:
+        if not isinstance(node, dict | list):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in inside:
+            return None
+        inside.add(id(node))
+        total = 1
+        for item in node.values() if isinstance(node, dict) else node:
+            inner = size(item)
+            if inner is None:
+                return None
+            total += inner
+        inside.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
 
 
 def _load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
@@ -625,7 +645,7 @@ def _load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
         problems.append(Problem(path, "", "file not found; pass the right one with -c PATH"))
         return None
     except IsADirectoryError:
-        problems.append(Problem(path, "", "is a folder; give the main YAML file"))
+        problems.append(Problem(path, "", "is a folder, not a YAML file"))
         return None
     except PermissionError:
         problems.append(Problem(path, "", "cannot read: permission denied; run as a user who "
@@ -636,17 +656,22 @@ def _load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
         return None
     try:
         data = yaml.safe_load(text)
-        cyclic = _is_cyclic(data)
+        nodes = _expanded_nodes(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problems.append(Problem(path, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}"))
         return None
     except RecursionError:
-        cyclic = True
-    if cyclic:
+        problems.append(Problem(path, "", "invalid YAML: nested too deeply"))
+        return None
+    if nodes is None:
         problems.append(Problem(path, "", "invalid YAML: an alias (*name) refers to the node that "
-                                "contains it, or nesting is too deep"))
+                                "contains it"))
+        return None
+    if nodes > MAX_NODES:
+        problems.append(Problem(path, "", f"invalid YAML: its aliases expand it to over "
+                                f"{MAX_NODES} values"))
         return None
     if data is None:
         return {}

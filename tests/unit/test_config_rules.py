@@ -273,6 +273,18 @@ def test_a_recursive_alias_is_a_config_error(tmp_path: Path, text: str,
     assert any(str(tmp_path / "conf.d" / "s.yaml") in p for p in problems(source))
 
 
+def test_aliases_that_multiply_or_nest_too_deep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    laughs = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{n}: &a{n} [*a{n - 1}, *a{n - 1}, *a{n - 1}, *a{n - 1}, *a{n - 1}, *a{n - 1}, *a{n - 1}, "
+        f"*a{n - 1}, *a{n - 1}, *a{n - 1}]\n" for n in range(1, 12))
+    path = write(tmp_path, laughs)
+    assert main(["check", "-c", str(path)]) == 2
+    assert f"{path}: invalid YAML: its aliases expand it to over" in capsys.readouterr().err
+    write(tmp_path, "a: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert main(["check", "-c", str(path)]) == 2
+    assert f"{path}: invalid YAML: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("just text\n", "expected a mapping of keys at the top, got str"),
     ("- a\n", "got a list"), ("42\n", "got a number"), (b"\xff\xfe", "cannot read")])
@@ -290,7 +302,7 @@ def test_whatever_the_file_holds_exit_2_naming_it(tmp_path: Path, text: str | by
 
 def test_a_folder_or_unreadable_file_as_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "-c", str(tmp_path)]) == 2
-    assert f"agent: config error: {tmp_path}: is a folder" in capsys.readouterr().err
+    assert f"agent: config error: {tmp_path}: is a folder, not a YAML file" in capsys.readouterr().err
     path = write(tmp_path)
     path.chmod(0)
     if os.access(path, os.R_OK):
