@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args
@@ -300,15 +303,47 @@ def test_whatever_the_file_holds_exit_2_naming_it(tmp_path: Path, text: str | by
     assert f"agent: config error: {path}: " in err and expected in err, err
 
 
-def test_a_folder_or_unreadable_file_as_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    """`agent ARGS` as an unprivileged user: root reads every file, whatever its mode."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run the agent as another user")
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           sys.executable, "-m", "agent", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder every user may enter (pytest's tmp_path is private to root)."""
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_a_folder_or_unreadable_file_as_config(tmp_path: Path, shared_folder: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "-c", str(tmp_path)]) == 2
     assert f"agent: config error: {tmp_path}: is a folder, not a YAML file" in capsys.readouterr().err
-    path = write(tmp_path)
-    path.chmod(0)
-    if os.access(path, os.R_OK):
-        pytest.skip("running as root: a mode 0 file is still readable")
-    assert main(["check", "-c", str(path)]) == 2
-    assert f"agent: config error: {path}: cannot read" in capsys.readouterr().err
+    path = write(shared_folder)
+    result = as_nobody("check", "-c", str(path))
+    assert result.returncode == 2
+    assert f"agent: config error: {path}: cannot read: permission denied" in result.stderr
+
+
+def test_status_as_a_user_who_cannot_read_the_password(shared_folder: Path) -> None:
+    (shared_folder / "password").write_text("s3cret\n")
+    (shared_folder / "password").chmod(0o600)
+    path = write(shared_folder, {"couchdb": {"url": "http://h", "username": "w",
+                                             "password_file": "password"}, "state_dir": "state"},
+                 mode=0o644)
+    (shared_folder / "conf.d" / "s.yaml").chmod(0o644)
+    (shared_folder / "conf.d").chmod(0o755)
+    result = as_nobody("status", "-c", str(path))
+    assert result.returncode == 3 and "config error" not in result.stderr, result
+    checked = as_nobody("check", "-c", str(path))
+    assert checked.returncode == 2 and "couchdb.password_file: cannot read the password" in checked.stderr
+    assert "s3cret" not in checked.stderr + result.stdout + result.stderr
 
 
 # -- item 4: a source must not reach into state_dir
