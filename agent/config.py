@@ -437,7 +437,7 @@ class SourceConfig:
                                                "every one of these regexes")
     exclude: tuple[re.Pattern[str], ...] = key(_regex_list, (), "drop a line that matches any of "
                                                "these regexes")
-    parser: _ParserKeys = section(_ParserKeys, "")
+    parser_keys: _ParserKeys = section(_ParserKeys, "")
     format: Format = "json"
     pattern: re.Pattern[str] | None = None
     fields: Mapping[str, str] = key(_string_map, {}, "static fields added to every document "
@@ -837,7 +837,7 @@ def source_from_mapping(file: Path | str, data: Mapping[str, Any], problems: lis
         elif name == made.metadata_key:
             src.problem(f"fields.{name}", f"{name!r} holds the agent's metadata (metadata_key); "
                         "rename the field, or set metadata_key to another name")
-    fmt, pattern = _parser_choice(src, made.parser)
+    fmt, pattern = _parser_choice(src, made.parser_keys)
     if len(problems) > before:
         return None
     return replace(made, database=database, format=fmt, pattern=pattern,

@@ -77,7 +77,8 @@ def test_no_output_log_or_state_file_holds_the_password(tmp_path: Path, couchdb_
     config = write_config(tmp_path / "etc", main["couchdb"].pop("url"),
                           [{"name": "app", "paths": [str(log_file)], "schema": "$msg...",
                             "database": "log_secrets_test"}], **main)
-    config.chmod(0o600)
+    # Inline, the password is in a file every user can read: check and run warn, without it.
+    config.chmod(0o644 if setup == "couchdb.password" else 0o600)
     printed = []
 
     check = agent(config, "check")
@@ -102,6 +103,9 @@ def test_no_output_log_or_state_file_holds_the_password(tmp_path: Path, couchdb_
     printed.append(everything_written(tmp_path / "etc"))
     assert_no_secret(user, printed)
     assert f"as {user} (password from " in check.stdout
+    warned = setup == "couchdb.password"
+    assert ("agent: config warning: " in check.stderr) == warned, check.stderr
+    assert ('"config_warning"' in printed[-2]) == warned
 
 
 def assert_no_secret(user: str, printed: list[str]) -> None:
