@@ -896,7 +896,8 @@ def globs_reaching(config: AgentConfig) -> list[Problem]:
     found = []
     for source in config.sources:
         for glob in source.paths:
-            if any(_may_reach(_parts(Path(os.path.normpath(glob))), folder) for folder in state):
+            spellings = {_parts(Path(glob)), _resolved_glob(glob)}
+            if any(_may_reach(pattern, folder) for pattern in spellings for folder in state):
                 found.append(Problem(source.file, "paths", f"{glob!r} can match files in state_dir "
                                      f"({config.state_dir}); the agent would ship its own state. "
                                      "Narrow the glob or move state_dir"))
@@ -905,6 +906,13 @@ def globs_reaching(config: AgentConfig) -> list[Problem]:
 
 def _parts(path: Path) -> tuple[str, ...]:
     return Path(os.path.normpath(path)).parts
+
+
+def _resolved_glob(glob: str) -> tuple[str, ...]:
+    """The glob with its folders before the first wildcard resolved (a symlink to state_dir)."""
+    parts = _parts(Path(glob))
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    return Path(*parts[:fixed]).resolve().parts + parts[fixed:] if fixed else parts
 
 
 def _may_reach(pattern: Sequence[str], folder: Sequence[str]) -> bool:

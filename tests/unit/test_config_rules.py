@@ -357,12 +357,15 @@ def test_status_as_a_user_who_cannot_read_the_password(shared_folder: Path) -> N
     (["{root}/st*"], "state", False),  # matches the folder itself, which is never followed
     (["../**"], "state", True),
     (["/var/log/*.log"], "state", False),
+    (["{root}/link/*.json"], "state", True),  # a symlink to state_dir
     (["{root}/logs/*.log", "{root}/state.log"], "state", False),
     (["{root}/logs/**"], "/var/lib/couchlog", False),
     (["/var/lib/**"], "/var/lib/couchlog", True),
 ])
 def test_check_refuses_globs_that_reach_state_dir(tmp_path: Path, paths: list[str], state_dir: str,
                                                   reaches: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "state")
     source = {**GOOD_SOURCE, "paths": [p.format(root=tmp_path) for p in paths]}
     path = write(tmp_path, {"couchdb": {"url": "http://h"}, "state_dir": state_dir}, {"s.yaml": source})
     code = main(["check", "-c", str(path)])
