@@ -13,13 +13,13 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, get_args
 
 import orjson
 import structlog
 
 from agent import config as config_module
-from agent.config import DEFAULT_CONFIG_PATH, ConfigError, Problem, SourceConfig
+from agent.config import DEFAULT_CONFIG_PATH, ConfigError, LogLevel, Problem, SourceConfig
 from agent.counters import SourceCounters
 from agent.lines import LineSplitter
 from agent.parser import SourceParser
@@ -56,7 +56,7 @@ def _arguments() -> argparse.ArgumentParser:
         return sub
 
     run = command("run", "follow the configured log files and ship them (the daemon)")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=get_args(LogLevel))
     run.set_defaults(handler=_run)
 
     check = command("check", "validate the configuration and print one line per source")
@@ -100,6 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     config = config_module.load(_config_path(args))
     logs.configure(args.log_level or config.log_level, config.log_format)
     log = structlog.get_logger("agent")
+    for warning in config.warnings:
+        log.warning("config_warning", file=str(warning.file), key=warning.key, message=warning.message)
     agent = Agent(config)
     try:
         asyncio.run(agent.run())
@@ -113,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from agent.status import StatusFile, render
 
-    config = config_module.load(_config_path(args))
+    config = config_module.load(_config_path(args), need_secret=False)
     status_file = StatusFile(config.state_dir)
     snapshot = status_file.read()
     text, code = render(snapshot, status_file.path)
@@ -129,6 +131,11 @@ def _check(args: argparse.Namespace) -> int:
         print(config_module.describe_keys(markdown=args.markdown), end="")
         return EXIT_OK
     config = config_module.load(_config_path(args))
+    unsafe = config_module.globs_reaching(config)
+    if unsafe:
+        raise ConfigError(unsafe)
+    for warning in config.warnings:
+        print(f"agent: config warning: {warning}", file=sys.stderr)
     for source in config.sources:
         files = {p for pattern in source.paths for p in glob.glob(pattern, recursive=True)}
         parser: str = source.format
@@ -137,18 +144,14 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{source.name}: {parser}, include {len(source.include)}, exclude "
               f"{len(source.exclude)}, {len(source.fields)} static fields -> {source.database}; "
               f"{len(source.paths)} glob(s), {len(files)} file(s) now  [{source.file}]")
-    urls = ", ".join(_redact(u) for u in config.couchdb.urls)
-    print(f"ok: {len(config.sources)} source(s), CouchDB {urls}, state in {config.state_dir}")
+    # The URLs carry no credentials (config took them off); redact anyway, as a second guard.
+    couchdb = config.couchdb
+    urls = ", ".join(config_module.redact_url(u) for u in couchdb.urls)
+    user = f" as {couchdb.username}" if couchdb.username else ""
+    secret = f" (password from {couchdb.password_from})" if couchdb.password_from else ""
+    print(f"ok: {len(config.sources)} source(s), CouchDB {urls}{user}{secret}, "
+          f"state in {config.state_dir}")
     return EXIT_OK
-
-
-def _redact(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 def _parse(args: argparse.Namespace) -> int:
@@ -180,7 +183,7 @@ def _parse(args: argparse.Namespace) -> int:
 def _parse_source(args: argparse.Namespace) -> SourceConfig:
     problems: list[Problem] = []
     if args.source is not None:
-        config = config_module.load(_config_path(args))
+        config = config_module.load(_config_path(args), need_secret=False)
         for source in config.sources:
             if source.name == args.source:
                 return source

@@ -67,7 +67,8 @@ def test_password_file(tmp_path: Path) -> None:
     ({"couchdb": {"url": "http://x", "username": "a"}}, None,
      "couchdb.password: couchdb.username and a password go together"),
     ({"couchdb": {"url": "http://x", "username": "a", "password": "b", "password_file": "f"}}, None,
-     "set either couchdb.password or couchdb.password_file"),
+     "couchdb.password: the password is given by couchdb.password and couchdb.password_file; "
+     "give it once"),
     ({"couchdb": {"url": "http://x", "username": "a", "password_file": "nope"}}, None,
      "couchdb.password_file: cannot read the password"),
     ({"couchdb": {"url": "http://x", "request_timeout": "soon"}}, None,
