@@ -4,12 +4,8 @@ nearly full tmpfs (as root), and by an `os.write` that takes only a few bytes pe
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -20,6 +16,7 @@ from agent.deadletter import DeadLetterFile, Rejection
 from agent.offsets import OffsetStore, StateFile
 from agent.spool import Spool
 from agent.types import Document, FileId, SourceFile
+from tests.tmpfs import fill, tmpfs
 
 F = SourceFile("s", FileId(1, 2, "aaaa"))
 
@@ -95,40 +92,6 @@ def test_replace_file_sets_the_mode_even_over_an_old_temp_file(tmp_path: Path) -
     durable.tmp_path(target).chmod(0o666)
     durable.replace_file(target, b"{}", mode=0o640, sync=False)
     assert target.read_bytes() == b"{}" and oct(target.stat().st_mode & 0o777) == "0o640"
-
-
-@contextlib.contextmanager
-def tmpfs(size: str) -> Iterator[Path]:
-    """A real tmpfs of `size` (needs root and mount rights; skips the test otherwise)."""
-    folder = Path(tempfile.mkdtemp(prefix="couchlog-tmpfs-"))
-    try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                                  str(folder)], capture_output=True, check=False)
-    except FileNotFoundError:
-        mounted = None
-    if mounted is None or mounted.returncode != 0:
-        folder.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode() if mounted else 'no mount'}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-        folder.rmdir()
-
-
-def fill(folder: Path, leave: int) -> Path:
-    """Fill the file system of `folder`, then free `leave` bytes of it."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    size = 0
-    try:
-        while True:
-            size += os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    os.ftruncate(fd, size - leave)
-    os.close(fd)
-    return filler
 
 
 def test_a_nearly_full_tmpfs_never_gets_a_truncated_state_file() -> None:
