@@ -3,6 +3,11 @@
 A file (`state_dir/status.json`, replaced atomically) rather than a socket:
 it needs no extra listener, works when the reader may not talk to the
 daemon, and still says what was last known when the daemon is gone.
+
+The file is 0640 and `agent status` reads only `state_dir` from the main
+config, never the password: an operator in the agent's group can run it. A
+snapshot that cannot be trusted (not JSON, the wrong shape, written "in the
+future") is UNKNOWN, exit 3, with what was found; never a traceback.
 """
 
 from __future__ import annotations
@@ -228,7 +233,12 @@ def render(snapshot: Any, path: Path, now: float | None = None) -> tuple[str, in
     if alive and age < -CLOCK_SLACK:
         return _unknown(path, f"was updated {_ago(-age)} in the future by the live pid "
                         f"{snapshot['pid']} (was the clock changed?)")
-    if not alive or age > STALE_AFTER:
+    if alive and age > STALE_AFTER:
+        # Not "not running": a live agent that cannot write state_dir (a full disk) looks so.
+        return _unknown(path, f"has the last status {_ago(age)} ago, yet pid {snapshot['pid']} "
+                        "still runs (or its number was reused): the agent may be stuck, or "
+                        "unable to write there (look for status_write_failed in its log)")
+    if not alive:
         return (f"not running: last status {_ago(age)} ago from pid {snapshot['pid']}; "
                 f"check `systemctl status couchlog-agent` or its journal", EXIT_NOT_RUNNING)
     problems = []

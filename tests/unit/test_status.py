@@ -59,7 +59,8 @@ def future(seconds: float) -> dict[str, Any]:
     (orjson.dumps({**snapshot(), "sources": []}), "sources is [], expected an object"),
     (orjson.dumps(snapshot(healthy="yes")), 'databases.log_app.healthy is "yes", expected true'),
     (orjson.dumps(snapshot(spool={})), "has no databases.log_app.spool.dropped_records"),
-    (orjson.dumps(future(3600)), "was updated 60m in the future by the live pid"),
+    (orjson.dumps(future(3600)), "in the future by the live pid"),
+    (orjson.dumps(future(-600)), "has the last status 10m ago, yet pid"),
 ])
 def test_a_snapshot_that_cannot_be_trusted_is_unknown_and_says_what_was_found(
         config: Path, capsys: pytest.CaptureFixture[str], content: bytes, found: str) -> None:
@@ -169,3 +170,11 @@ def test_status_needs_no_password_and_works_for_an_operator_in_the_agents_group(
     # The same user cannot read the password: status really did without it.
     assert subprocess.run(["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
                            "cat", str(password)], capture_output=True, check=False).returncode
+
+
+def test_a_snapshot_of_a_dead_pid_is_not_running() -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    gone = {**snapshot(), "pid": child.pid}
+    text, code = render(gone, Path("/s/status.json"))
+    assert code == EXIT_UNKNOWN and text.startswith(f"not running: last status 0s ago from pid {child.pid}")
