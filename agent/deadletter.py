@@ -35,7 +35,7 @@ class DeadLetterFile:
         lines never interleave and a failed append cuts back only its own bytes."""
 
     def append(self, database: str, rejections: Sequence[Rejection]) -> None:
-        """Append one JSON line per rejection and fsync. Blocking."""
+        """Append one JSON line per rejection and fsync; on OSError none is appended. Blocking."""
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         lines = b"".join(
             b'{"at":%s,"database":%s,"error":%s,"reason":%s,"doc":%s}\n' % (
