@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +59,14 @@ def future(seconds: float) -> dict[str, Any]:
     (orjson.dumps({**snapshot(), "sources": []}), "sources is [], expected an object"),
     (orjson.dumps(snapshot(healthy="yes")), 'databases.log_app.healthy is "yes", expected true'),
     (orjson.dumps(snapshot(spool={})), "has no databases.log_app.spool.dropped_records"),
-    (orjson.dumps(future(3600)), "in the future by the live pid"),
-    (orjson.dumps(future(-600)), "has the last status 10m ago, yet pid"),
+    # Times relative to when the test runs, not to when it was collected.
+    (lambda: orjson.dumps(future(3600)), "was updated 60m in the future by the live pid"),
+    (lambda: orjson.dumps(future(-600)), "has the last status 10m ago, yet pid"),
 ])
 def test_a_snapshot_that_cannot_be_trusted_is_unknown_and_says_what_was_found(
-        config: Path, capsys: pytest.CaptureFixture[str], content: bytes, found: str) -> None:
-    out, code = status(config, capsys, content)
+        config: Path, capsys: pytest.CaptureFixture[str], content: bytes | Callable[[], bytes],
+        found: str) -> None:
+    out, code = status(config, capsys, content if isinstance(content, bytes) else content())
     assert code == EXIT_UNKNOWN, out
     assert out.startswith("unknown: the status file ") and found in out, out
 
