@@ -113,14 +113,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from agent.status import StatusFile, render
+    from agent.status import StatusFile, report, state_dir_of
 
-    config = config_module.load(_config_path(args), need_secret=False)
-    status_file = StatusFile(config.state_dir)
-    snapshot = status_file.read()
-    text, code = render(snapshot, status_file.path)
-    if args.json and snapshot is not None:
-        sys.stdout.buffer.write(orjson.dumps(snapshot, option=orjson.OPT_INDENT_2) + b"\n")
+    status_file = StatusFile(state_dir_of(_config_path(args)))
+    reading = status_file.read()
+    text, code = report(reading, status_file.path)
+    if args.json and isinstance(reading.value, dict):
+        sys.stdout.buffer.write(orjson.dumps(reading.value, option=orjson.OPT_INDENT_2) + b"\n")
     else:
         print(text)
     return code

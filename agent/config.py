@@ -34,6 +34,7 @@ import yaml
 from agent.schema import SchemaError, compile_schema
 
 DEFAULT_CONFIG_PATH = Path("/etc/couchlog/agent.yaml")
+DEFAULT_STATE_DIR = Path("/var/lib/couchlog")
 PASSWORD_ENV = "COUCHLOG_PASSWORD"
 SOURCE_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 DATABASE_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
@@ -469,7 +470,7 @@ class SourceConfig:
 class AgentConfig:
     path: Path
     couchdb: CouchDBConfig = section(CouchDBConfig, "couchdb")
-    state_dir: Path = key(_path, Path("/var/lib/couchlog"), "folder for the offsets state file, "
+    state_dir: Path = key(_path, DEFAULT_STATE_DIR, "folder for the offsets state file, "
                           "the spool and the dead-letter file (relative to the main file's folder)")
     sources_dir: Path = key(_path, Path("conf.d"), "folder of source files (*.yaml), relative to "
                             "the main file's folder")

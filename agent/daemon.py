@@ -31,6 +31,7 @@ from agent.deadletter import DeadLetterFile
 from agent.offsets import OffsetStore, StateFile
 from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
+from agent.ratelimit import RepeatedFailure
 from agent.shipper import Shipper, endpoints
 from agent.spool import Spool
 from agent.status import StatusFile
@@ -68,6 +69,7 @@ class Agent:
             self.databases.setdefault(source.database, []).append(source.name)
         self.offsets = OffsetStore()
         self.state_file = StateFile(config.state_dir)
+        self._save_failures = RepeatedFailure(log, "state_save_failed")
         self.status_file = StatusFile(config.state_dir)
         self.started_at = time.time()
         self.queues: dict[str, DocumentQueue] = {}
@@ -192,9 +194,12 @@ class Agent:
             await asyncio.to_thread(self.state_file.save, self.offsets.snapshot())
         except OSError as exc:
             self.offsets.dirty = True
-            log.error("state_save_failed", path=str(self.state_file.path), error=str(exc),
-                      action="free space or fix permissions there; until then a restart reads "
-                      "again from the last saved offsets (nothing is lost or doubled)")
+            self._save_failures.failed(
+                path=str(self.state_file.path), error=str(exc),
+                action="free space or fix permissions there; until then a restart reads "
+                "again from the last saved offsets (nothing is lost or doubled)")
+        else:
+            self._save_failures.succeeded(path=str(self.state_file.path))
 
     async def shutdown(self) -> None:
         log.info("agent_stopping", force=self.force_exit)

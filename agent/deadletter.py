@@ -8,7 +8,7 @@ so a refused line is never lost: it moves from the log file to this file.
 
 from __future__ import annotations
 
-import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orjson
 
+from agent import durable
 from agent.types import Document
 
 
@@ -29,9 +30,12 @@ class Rejection:
 class DeadLetterFile:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "dead-letter.jsonl"
+        self._lock = threading.Lock()
+        """Shippers of several databases append from their own threads: one at a time, so that
+        lines never interleave and a failed append cuts back only its own bytes."""
 
     def append(self, database: str, rejections: Sequence[Rejection]) -> None:
-        """Append one JSON line per rejection and fsync. Blocking."""
+        """Append one JSON line per rejection and fsync; on OSError none is appended. Blocking."""
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         lines = b"".join(
             b'{"at":%s,"database":%s,"error":%s,"reason":%s,"doc":%s}\n' % (
@@ -39,9 +43,5 @@ class DeadLetterFile:
                 orjson.dumps(r.reason), r.doc.body)
             for r in rejections
         )
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, lines)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with self._lock:
+            durable.append_file(self.path, lines)

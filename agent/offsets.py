@@ -28,6 +28,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
+from agent import durable
 from agent.types import Ack, Document, SourceFile
 
 STATE_VERSION = 1
@@ -216,7 +217,7 @@ class StateFile:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "offsets.json"
-        self._tmp = state_dir / "offsets.json.tmp"
+        self._tmp = durable.tmp_path(self.path)
 
     def load(self) -> tuple[dict[SourceFile, FileProgress], StateStatus]:
         """Read the committed offsets; a damaged file is moved aside and reported, never fatal.
@@ -243,20 +244,9 @@ class StateFile:
         return entries, "ok"
 
     def save(self, snapshot: dict[str, Any]) -> None:
-        """Write `snapshot` durably: temp file, fsync, rename, fsync of the folder. Blocking."""
-        data = orjson.dumps(snapshot)
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self._tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Write `snapshot` durably (all bytes, fsync, rename, fsync of the folder), or raise
+        OSError and leave the last saved state as it was. Blocking."""
+        durable.replace_file(self.path, orjson.dumps(snapshot))
 
     def _read(self, path: Path, quiet: bool) -> dict[SourceFile, FileProgress] | None:
         try:

@@ -20,7 +20,6 @@ All methods block (file I/O and fsync): call them through a thread.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import struct
 import zlib
@@ -31,6 +30,7 @@ from typing import Literal
 
 import structlog
 
+from agent import durable
 from agent.types import Document, SourceFile
 
 MAGIC = b"\xc7CLs"
@@ -164,10 +164,7 @@ class Spool:
         assert self._fd is not None
         try:
             data = b"".join(HEADER.pack(MAGIC, len(p), zlib.crc32(p)) + p for p in payloads)
-            written = os.write(self._fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write)")
-            os.fsync(self._fd)
+            durable.append(self._fd, data)
         except OSError:
             # Leave no partial record behind (the disk may be full): cut back and give up.
             with contextlib.suppress(OSError):

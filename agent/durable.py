@@ -1,0 +1,99 @@
+"""Durable writes, in one place: every byte written, fsynced, and (for a replaced file) renamed
+into place with its folder fsynced.
+
+`os.write` may write fewer bytes than asked without raising: on a nearly full tmpfs it wrote
+8,192 of 30,029 bytes of `offsets.json`, and the truncated file was renamed into place. Every
+writer of agent state goes through `write_all`, which keeps writing until all is written or the
+kernel raises (ENOSPC, say), so a partial write is never mistaken for a complete one.
+
+All functions block (write, fsync, rename): call them through a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`, however many calls it takes; raise OSError if the kernel
+    stops taking bytes."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            # No progress and no error: a full device that says so this way would loop forever.
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (write took no bytes)")
+        view = view[written:]
+
+
+def append(fd: int, data: bytes) -> None:
+    """Append all of `data` to an O_APPEND descriptor and fsync it: when this returns, the
+    bytes survive a crash. On OSError some bytes may be written; the caller cuts them off if
+    its format needs that (the spool does)."""
+    write_all(fd, data)
+    os.fsync(fd)
+
+
+def append_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Append all of `data` to the file at `path` (created with `mode` if missing) and fsync
+    it, and its folder when the file is new (so that the file itself survives a crash). On
+    OSError the file is cut back to its old size: no torn record is left for the next one to
+    follow. Callers that share the file between threads hold a lock around this: the cut
+    assumes no one else appended meanwhile."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            append(fd, data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+    if size == 0:
+        fsync_folder(path.parent)
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o600, sync: bool = True) -> None:
+    """Make `data` the content of `path` atomically: a reader sees the old content or all of
+    the new, never a part. Temp file (`path` + `.tmp`), all bytes written, fsync, rename, fsync
+    of the folder. `sync=False` skips both fsyncs, for a file that is rewritten every few
+    seconds and whose loss in a power cut costs nothing (status.json): it is still never
+    renamed into place short. On OSError the temp file is removed and `path` is untouched."""
+    tmp = tmp_path(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            # An older temp file keeps its mode through O_TRUNC: set it, as it is what `path` gets.
+            os.fchmod(fd, mode)
+            write_all(fd, data)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        # A partial temp file would waste the space that ran out, and look like a newer state.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if sync:
+        fsync_folder(path.parent)
+
+
+def tmp_path(path: Path) -> Path:
+    """The temp file `replace_file` writes before renaming it to `path`."""
+    return path.with_name(path.name + ".tmp")
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (a new or renamed file) survive a crash."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
