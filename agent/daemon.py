@@ -32,7 +32,7 @@ from agent.offsets import OffsetStore, StateFile
 from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
 from agent.shipper import Shipper, endpoints
-from agent.spool import Spool
+from agent.spool import Spool, migrate_folders, spool_folder
 from agent.status import StatusFile
 from agent.tailer import TailerSet
 from agent.types import Lines, LineSink, SourceFile
@@ -111,8 +111,9 @@ class Agent:
             connector=aiohttp.TCPConnector(limit=len(self.queues) + len(cfg.sources) + 4))
         dead_letter = DeadLetterFile(cfg.state_dir)
         targets = endpoints(cfg.couchdb)
+        await asyncio.to_thread(migrate_folders, cfg.state_dir / "spool", list(self.databases))
         for database, sources in self.databases.items():
-            spool = Spool(cfg.state_dir / "spool" / database, cfg.spool.max_bytes,
+            spool = Spool(spool_folder(cfg.state_dir / "spool", database), cfg.spool.max_bytes,
                           cfg.spool.segment_bytes, cfg.spool.when_full)
             await asyncio.to_thread(spool.open)
             self._check_spool(spool, database, sources)
