@@ -45,6 +45,8 @@ from agent.types import Document, SourceFile
 MAGIC = b"\xc7CLs"
 HEADER = struct.Struct("<4sII")
 SUFFIX = ".seg"
+DAMAGE_MARK = "damaged"
+"""A file in the spool folder while lost records have not been read again from the logs."""
 WhenFull = Literal["block", "drop_oldest"]
 log = structlog.get_logger("agent.spool")
 
@@ -90,7 +92,8 @@ class Spool:
         self.when_full = when_full
         self.stats = SpoolStats()
         self.damaged = False
-        """A record was lost to corruption since the spool was opened."""
+        """A record was lost to corruption, in this run or an earlier one whose damage was not
+        yet handled (`clear_damage`): the mark is kept on disk, so a restart still knows."""
         self._segments: list[_Segment] = []
         self._fd: int | None = None
         self._cache: tuple[int, bytes] | None = None
@@ -113,6 +116,26 @@ class Spool:
                           "and reading pauses while CouchDB cannot take documents")
                 return
             self._load(sorted(int(n) for n in names if n.isdigit()))
+            if self.damaged or (self.folder / DAMAGE_MARK).exists():
+                self._mark_damaged()
+
+    def clear_damage(self) -> None:
+        """The owner has read the lost lines again (or will from offsets already saved)."""
+        with self._lock:
+            self.damaged = False
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / DAMAGE_MARK).unlink()
+
+    def _mark_damaged(self) -> None:
+        if not self.damaged or not (self.folder / DAMAGE_MARK).exists():
+            self.damaged = True
+            try:
+                (self.folder / DAMAGE_MARK).touch()
+                _fsync_folder(self.folder)
+            except OSError as exc:
+                log.error("spool_damage_unmarked", folder=str(self.folder), error=str(exc),
+                          action="a restart before the lost lines are read again will not know "
+                          "of the loss; make the folder writable")
 
     def _load(self, numbers: list[int]) -> None:
         for number in numbers:
@@ -124,7 +147,7 @@ class Spool:
                 log.error("spool_segment_unreadable", segment=str(self._path(number)),
                           error=str(exc), moved_to=str(aside),
                           action="its lines are read again from the log files if they still exist")
-                self.damaged = True
+                self._mark_damaged()
                 with contextlib.suppress(OSError):
                     self._path(number).rename(aside)
                 continue
@@ -156,7 +179,7 @@ class Spool:
                     # Torn by a crash during a write (never acknowledged), or a damaged last
                     # record (acknowledged): the two cannot be told apart, so read again.
                     self.stats.torn_records += 1
-                    self.damaged = True
+                    self._mark_damaged()
                     return valid_end
                 segment.corrupt_at.add(offset)
                 self._corrupt(segment, offset)
@@ -168,7 +191,7 @@ class Spool:
 
     def _corrupt(self, segment: _Segment, offset: int) -> None:
         self.stats.corrupt_records += 1
-        self.damaged = True
+        self._mark_damaged()
         log.error("spool_record_corrupt", segment=str(self._path(segment.number)), offset=offset,
                   action="skipped; its lines are read again from the log files if they still exist")
 
