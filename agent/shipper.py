@@ -343,8 +343,10 @@ class Shipper:
             if not wait:
                 return
             await asyncio.sleep(max(0.05, self._next_probe - time.monotonic()))
-            await self._replay()
-            if self.healthy:
+            if self.spool.pending:
+                await self._replay()
+            # With nothing spooled (an unwritable spool folder), `docs` are the probe.
+            if self.healthy or not self.spool.pending:
                 docs = (await self._send(docs)).unsettled
 
     async def _append(self, docs: list[Document]) -> bool:
