@@ -157,5 +157,7 @@ class RetryBudget:
         return max((self._counts.get(d.doc_id, 0) for d in docs), default=0)
 
     def settled(self, docs: Iterable[Document]) -> None:
+        if not self._counts:
+            return  # the usual case: nothing to look up for a whole batch
         for doc in docs:
             self._counts.pop(doc.doc_id, None)
