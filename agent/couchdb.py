@@ -16,8 +16,6 @@ import aiohttp
 
 from agent.config import CouchDBConfig
 
-JSON = {"Content-Type": "application/json"}
-
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -96,7 +94,8 @@ class CouchDBClient:
         """URLs whose server has no `/_up` (pouchdb-server): probed with `GET /` instead."""
 
     async def bulk_docs(self, target: Endpoint, db_path: str, body: bytes) -> Response:
-        return await self._request("POST", target, db_path + "/_bulk_docs", body, JSON)
+        return await self._request("POST", target, db_path + "/_bulk_docs", body,
+                                   {"Content-Type": "application/json"})
 
     async def create_database(self, target: Endpoint, db_path: str) -> Response:
         return await self._request("PUT", target, db_path)
