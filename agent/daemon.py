@@ -26,14 +26,16 @@ import aiohttp
 import structlog
 
 from agent.config import AgentConfig, SourceConfig, StartAt
+from agent.couchdb import connection_limit
 from agent.counters import SourceCounters
 from agent.deadletter import DeadLetterFile
+from agent.health import Health
 from agent.offsets import OffsetStore, StateFile
 from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
 from agent.ratelimit import RepeatedFailure
 from agent.shipper import Shipper, endpoints
-from agent.spool import Spool
+from agent.spool import Spool, migrate_folders, spool_folder
 from agent.status import StatusFile
 from agent.tailer import TailerSet
 from agent.types import Lines, LineSink, SourceFile
@@ -110,14 +112,16 @@ class Agent:
             s.name: s.start_at if status == "absent" else
             cfg.on_corrupt_state if status == "corrupt" else "beginning" for s in cfg.sources}
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=len(self.queues) + len(cfg.sources) + 4))
+            connector=aiohttp.TCPConnector(
+                limit=connection_limit(cfg.shipping.concurrency, len(self.databases))))
         dead_letter = DeadLetterFile(cfg.state_dir)
         targets = endpoints(cfg.couchdb)
+        await asyncio.to_thread(migrate_folders, cfg.state_dir / "spool", list(self.databases))
         for database, sources in self.databases.items():
-            spool = Spool(cfg.state_dir / "spool" / database, cfg.spool.max_bytes,
+            spool = Spool(spool_folder(cfg.state_dir / "spool", database), cfg.spool.max_bytes,
                           cfg.spool.segment_bytes, cfg.spool.when_full)
             await asyncio.to_thread(spool.open)
-            self._check_spool(spool, database, sources)
+            await self._check_spool(spool, database, sources)
             queue = DocumentQueue(cfg.shipping.queue_max_docs, cfg.shipping.queue_max_bytes)
             shipper = Shipper(database, queue, spool, self._session, targets, cfg.couchdb,
                               cfg.shipping, self.offsets.acknowledge, dead_letter)
@@ -138,10 +142,11 @@ class Agent:
                  databases=sorted(self.queues), state_dir=str(cfg.state_dir),
                  couchdb=[t.url for t in targets], pid=os.getpid())
 
-    def _check_spool(self, spool: Spool, database: str, sources: list[str]) -> None:
+    async def _check_spool(self, spool: Spool, database: str, sources: list[str]) -> None:
         """A spool that lost documents (damaged, or gone while the offsets say some were only
         there) sends its sources back to where CouchDB had every line: lost lines are read
-        again from the log files, and CouchDB answers the others with conflict."""
+        again from the log files, and CouchDB answers the others with conflict. The spool's
+        damage mark goes only once the rewound offsets are saved."""
         lost = spool.damaged or (spool.pending == 0 and any(
             p.delivered is None or p.delivered[0] < p.committed
             for f, p in self.offsets.files.items() if f.source in sources and p.committed))
@@ -151,6 +156,10 @@ class Agent:
                 log.warning("spool_lost_documents", database=database, files=len(moved),
                             action="reading those files again from the last offsets known "
                             "to be in CouchDB")
+        if spool.damaged:
+            await self._save_offsets()
+            if not self.offsets.dirty:
+                await asyncio.to_thread(spool.clear_damage)
 
     async def main_loop(self) -> None:
         last_progress = time.monotonic()
@@ -167,7 +176,9 @@ class Agent:
         """All periodic work: note what is all in CouchDB, write offsets that moved, forget
         long-gone files."""
         for database, sources in self.databases.items():
-            if self.shippers[database].spool.pending:
+            spool = self.shippers[database].spool
+            # A record lost while running: never settle past it; the next start reads again.
+            if spool.pending or spool.damaged:
                 self._settled.discard(database)
             elif self.offsets.dirty or database not in self._settled:
                 self.offsets.settle(sources)
@@ -298,7 +309,7 @@ class Agent:
             "watch": self._watcher.mode if self._watcher else "starting",
             "sources": sources,
             "databases": {
-                db: {"healthy": sh.healthy, "queued": len(self.queues[db]),
+                db: {"healthy": sh.health is Health.OK, "queued": len(self.queues[db]),
                      "spool_records": sh.spool.pending, "spool_bytes": sh.spool.stats.bytes,
                      **dataclasses.asdict(sh.stats),
                      "spool": dataclasses.asdict(sh.spool.stats)}

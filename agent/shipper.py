@@ -1,116 +1,57 @@
-"""Shipping: batches from one database's queue to CouchDB's `_bulk_docs`, or to the spool.
+"""The shipper: schedules one database's batches to CouchDB's `_bulk_docs`, or to the spool.
 
-The decision what each per-document result means is pure
-(`classify_results`); `Shipper` is the I/O shell around it. A document is
+It only decides when and where: the HTTP calls are `agent.couchdb`'s, what
+an answer means is `agent.bulk`'s (pure), and the health and the URL in use
+are one `agent.health.HealthState` value (pure transitions). A document is
 acknowledged (its line may be committed) when it is stored (`ok`), already
 stored (`conflict`, the answer to a re-sent deterministic `_id`), refused
 for good and written to the dead-letter file, or fsynced to the spool.
-Spooled documents are retried forever, with exponential backoff and jitter,
-failing over between URLs and coming back to the first.
+
+Where the public names live: `Endpoint`, `basic_auth`, `endpoints` in
+`agent.couchdb`; `classify_results`, `bulk_body`, `Outcome` in `agent.bulk`.
+They are imported here too, for code that imports them from this module.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
-import operator
 import random
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from typing import Literal
+from urllib.parse import quote
 
 import aiohttp
-import orjson
 import structlog
 
+from agent.bulk import (
+    Outcome,
+    RetryBudget,
+    Verdict,
+    bulk_body,
+    classify_results,
+    describe,
+    parse,
+    verdict,
+)
 from agent.config import CouchDBConfig, ShippingConfig
+from agent.couchdb import CouchDBClient, Endpoint, Response, basic_auth, endpoints, ssl_context
 from agent.deadletter import DeadLetterFile, Rejection
+from agent.health import Event, Health, HealthState, backoff
 from agent.queue import DocumentQueue
 from agent.spool import Spool
 from agent.types import Acknowledge, Document
 
-log = structlog.get_logger("agent.shipper")
+__all__ = ["Endpoint", "Outcome", "Shipper", "ShipperStats", "basic_auth", "bulk_body",
+           "classify_results", "endpoints"]
 
-BODY = operator.attrgetter("body")
+log = structlog.get_logger("agent.shipper")
 
 FLIGHT_CHECK = 0.05
 """Seconds the shipper waits for documents while sends are in flight, before landing them."""
-
-FINAL_DOC_ERRORS = frozenset({"forbidden", "unauthorized"})
-"""Per-document errors that retrying cannot fix (a validate_doc_update refusal)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One CouchDB URL, with the credentials split off so they never reach a log line."""
-
-    url: str
-    headers: dict[str, str]
-
-
-def basic_auth(username: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-    return {"Authorization": f"Basic {token}"}
-
-
-def endpoints(config: CouchDBConfig) -> list[Endpoint]:
-    result = []
-    for raw in config.urls:
-        parts = urlsplit(raw)
-        headers = {}
-        if parts.username is not None:
-            headers = basic_auth(unquote(parts.username), unquote(parts.password or ""))
-        elif config.username is not None:
-            headers = basic_auth(config.username, config.password or "")
-        netloc = parts.hostname or ""
-        if ":" in netloc:
-            netloc = f"[{netloc}]"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        result.append(Endpoint(urlunsplit((parts.scheme, netloc, parts.path, "", "")), headers))
-    return result
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What a `_bulk_docs` answer means for each document of the batch."""
-
-    stored: list[Document] = field(default_factory=list)
-    conflicts: list[Document] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
-    retry: list[Document] = field(default_factory=list)
-
-
-def classify_results(docs: Sequence[Document], results: Any) -> Outcome:
-    """Match each document with its result by `_id`; a document without a result is retried."""
-    outcome = Outcome()
-    by_id: dict[str, Any] = {}
-    if isinstance(results, list):
-        for item in results:
-            if isinstance(item, dict) and isinstance(item.get("id"), str):
-                by_id.setdefault(item["id"], item)
-    for doc in docs:
-        result = by_id.get(doc.doc_id)
-        if result is None:
-            outcome.retry.append(doc)
-        elif result.get("ok") is True or ("rev" in result and "error" not in result):
-            outcome.stored.append(doc)
-        elif result.get("error") == "conflict":
-            outcome.conflicts.append(doc)
-        elif result.get("error") in FINAL_DOC_ERRORS:
-            outcome.rejected.append(Rejection(doc, str(result["error"]),
-                                              str(result.get("reason", ""))))
-        else:
-            outcome.retry.append(doc)
-    return outcome
-
-
-def bulk_body(docs: Sequence[Document]) -> bytes:
-    return b'{"docs":[' + b",".join(map(BODY, docs)) + b"]}"
 
 
 @dataclass(slots=True)
@@ -126,6 +67,22 @@ class ShipperStats:
     last_success: float | None = None
     backpressure: bool = False
     """The spool is full: reading is paused until CouchDB takes documents again."""
+    health: str = Health.OK.value
+    retrying: int = 0
+    """Documents that got a per-document error and wait to be sent again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """What a send left unsettled: documents CouchDB answered with an error that may pass
+    (`retry`), and documents no URL took (`unsent`, in order, the tail of the batch)."""
+
+    retry: list[Document] = field(default_factory=list)
+    unsent: list[Document] = field(default_factory=list)
+
+    @property
+    def unsettled(self) -> list[Document]:
+        return self.retry + self.unsent
 
 
 class Refused(Exception):
@@ -141,13 +98,14 @@ class Shipper:
     """Ships one database's queue; the spool takes what CouchDB cannot take now.
 
     While CouchDB answers and the spool is empty, up to `shipping.concurrency`
-    batches are in flight at once, so CouchDB stores one while the agent reads
-    and encodes the next (acknowledgements may come out of order: offsets move
-    only over contiguous ones). Otherwise one batch at a time: the spool (if it
-    holds anything) is replayed in turns with new batches, so neither starves.
-    When a request fails, its batch and every batch after it go to the spool
-    (fsynced, then acknowledged) and CouchDB is probed with the oldest spooled
-    batch, with exponential backoff and jitter, until it answers again.
+    batches are in flight at once (acknowledgements may come out of order:
+    offsets move only over contiguous ones). Otherwise one batch at a time:
+    the spool is replayed in turns with new batches, so neither starves.
+    A batch one URL refuses is tried on the next before it goes to the spool;
+    when every URL refused it, it and every batch after it are spooled and
+    CouchDB is probed with the oldest spooled batch, with backoff and jitter.
+    Documents answered with a passing error go to the back of the spool and
+    are sent again with backoff, at most `bulk.DOC_ATTEMPTS` times.
     """
 
     def __init__(self, database: str, queue: DocumentQueue, spool: Spool,
@@ -156,25 +114,38 @@ class Shipper:
         self.database = database
         self.queue = queue
         self.spool = spool
-        self.session = session
+        self.client = CouchDBClient(session, couchdb.request_timeout, ssl_context(couchdb))
         self.targets = list(targets)
         self.shipping = shipping
-        self.timeout = aiohttp.ClientTimeout(total=couchdb.request_timeout)
         self.failback_after = couchdb.failback_after
         self.acknowledge = acknowledge
         self.dead_letter = dead_letter
         self.stats = ShipperStats()
-        self.healthy = True
+        self.state = HealthState(targets=len(self.targets))
+        self.budget = RetryBudget()
         self.in_hand: list[Document] = []
         """A batch taken from the queue and not yet acknowledged (stored or spooled)."""
-        self._flights: dict[asyncio.Task[list[Document]], list[Document]] = {}
-        """Sends in flight, with their batches; each ends with the documents it left unsettled."""
-        self._target = 0
-        self._since_failover = 0.0
+        self._flights: dict[asyncio.Task[Sent], list[Document]] = {}
+        """Sends in flight, with their batches; each ends with what it left unsettled."""
+        self._probe: asyncio.Task[None] | None = None
+        """The background check of the first URL, while another one is in use."""
         self._next_probe = 0.0
+        """While DOWN: when to replay the oldest spooled batch as the probe."""
+        self._next_replay = 0.0
+        """While documents wait for a retry: not before then."""
+        self._next_failback = 0.0
         self._replay_turn = False
         self._path = "/" + quote(database, safe="")
         self.log = log.bind(database=database)
+
+    @property
+    def healthy(self) -> bool:
+        """Whether batches are sent (else spooled): CouchDB answered the last request."""
+        return self.state.sending
+
+    @property
+    def health(self) -> Health:
+        return self.state.health
 
     @property
     def idle(self) -> bool:
@@ -183,32 +154,46 @@ class Shipper:
     async def run(self) -> None:
         cfg = self.shipping
         while True:
+            self._start_failback_probe()
             await self._land("one" if len(self._flights) >= cfg.concurrency else "none")
-            if self.spool.pending and self.healthy and self._replay_turn:
+            now = time.monotonic()
+            if (self.spool.pending and self.healthy and self._replay_turn
+                    and now >= self._next_replay):
                 self._replay_turn = False
                 await self._land("all")
                 await self._replay()
                 continue
             self._replay_turn = True
-            if self._flights:
-                # Come back soon to land the sends in flight, even if no document arrives.
-                wait: float | None = FLIGHT_CHECK
-            elif self.healthy:
-                wait = 0.0 if self.spool.pending else None
-            else:
-                wait = max(0.0, self._next_probe - time.monotonic())
-            batch = await self.queue.take(cfg.batch_max_docs, cfg.batch_max_bytes, cfg.linger, wait)
+            batch = await self.queue.take(cfg.batch_max_docs, cfg.batch_max_bytes, cfg.linger,
+                                          self._wait(now))
             if batch and self.healthy and not self.spool.pending:
-                self._flights[asyncio.create_task(self._send(batch, replayed=False))] = batch
+                self._flights[asyncio.create_task(self._send(batch))] = batch
             elif batch:
                 self.in_hand = batch
                 await self._land("all")
-                await self._to_spool(await self._send(batch, replayed=False) if self.healthy
+                await self._to_spool((await self._send(batch)).unsettled if self.healthy
                                      else batch)
                 self.in_hand = []
             if not self.healthy and time.monotonic() >= self._next_probe:
                 await self._land("all")
                 await self._replay()
+
+    def _wait(self, now: float) -> float | None:
+        """How long to wait for documents before the next thing to do without them."""
+        wait: float | None
+        if self._flights:
+            # Come back soon to land the sends in flight, even if no document arrives.
+            wait = FLIGHT_CHECK
+        elif not self.healthy:
+            wait = max(0.0, self._next_probe - now)
+        elif self.spool.pending:
+            wait = max(0.0, self._next_replay - now)
+        else:
+            wait = None
+        if self.state.target:
+            until = max(0.0, self._next_failback - now)
+            wait = until if wait is None else min(wait, until)
+        return wait
 
     async def _land(self, wait: Literal["none", "one", "all"]) -> None:
         """Spool what finished sends left unsettled, after waiting for one or all of them.
@@ -217,19 +202,22 @@ class Shipper:
             await asyncio.wait(self._flights, return_when=asyncio.FIRST_COMPLETED
                                if wait == "one" else asyncio.ALL_COMPLETED)
         for task in [t for t in self._flights if t.done()]:
-            await self._to_spool(task.result())
+            await self._to_spool(task.result().unsettled)
             del self._flights[task]
 
     async def spool_remaining(self) -> None:
         """At shutdown, after `run` is cancelled: spool the batches in hand and the queue.
         A send still in flight is cancelled and its whole batch spooled: what CouchDB stored of
         it is answered `conflict` when it is sent again."""
+        if self._probe is not None:
+            self._probe.cancel("agent stopping")
         for task in self._flights:
             task.cancel("agent stopping")
-        await asyncio.gather(*self._flights, return_exceptions=True)
+        await asyncio.gather(*self._flights, *([self._probe] if self._probe else []),
+                             return_exceptions=True)
         docs = list(self.in_hand)
         for task, batch in self._flights.items():
-            docs += batch if task.cancelled() or task.exception() else task.result()
+            docs += batch if task.cancelled() or task.exception() else task.result().unsettled
         self._flights.clear()
         docs += self.queue.take_all()
         self.in_hand = []
@@ -238,69 +226,94 @@ class Shipper:
 
     # -- sending
 
-    async def _send(self, docs: list[Document], replayed: bool) -> list[Document]:
-        """Send `docs`, splitting batches CouchDB refuses as too large or bad; return the
-        documents not settled (on a failure: all that were not sent)."""
+    async def _send(self, docs: list[Document], replayed: bool = False) -> Sent:
+        """Send `docs`, splitting batches CouchDB refuses as too large or bad, and trying each
+        URL once for a batch that fails; return what was left unsettled."""
         work: deque[list[Document]] = deque([docs])
-        unsettled: list[Document] = []
+        retry: list[Document] = []
+        tried: set[int] = set()
         while work:
             batch = work.popleft()
             try:
-                status, payload = await self._post(batch)
+                response = await self._post(batch)
             except Refused as refused:
+                tried.add(refused.target)
                 self._went_down(refused.target)
-                return unsettled + batch + [d for rest in work for d in rest]
-            if status in (400, 413):
-                await self._split(batch, work, f"HTTP {status}", _reason(payload), replayed)
+                if self.state.target not in tried:
+                    work.appendleft(batch)  # the next URL, before the spool
+                    continue
+                return Sent(retry, batch + [d for rest in work for d in rest])
+            if verdict(response.status, response.body) is Verdict.SPLIT:
+                await self._split(batch, work, f"HTTP {response.status}", describe(response.body),
+                                  replayed)
                 continue
-            outcome = classify_results(batch, _json(payload))
+            outcome = classify_results(batch, parse(response.body))
             await self._settle(outcome, replayed)
-            unsettled += outcome.retry
+            retry += outcome.retry
         self._went_up()
-        return unsettled
+        return Sent(retry)
 
-    async def _post(self, batch: list[Document]) -> tuple[int, bytes]:
-        """POST one `_bulk_docs`; the answer if it is one to act on, else raise Refused."""
-        self._fail_back()
-        index = self._target
+    async def _post(self, batch: list[Document]) -> Response:
+        """POST one `_bulk_docs`; the answer if it has results or asks for a split, else raise
+        Refused. A missing database is created once; missing again right after, it counts as a
+        failed request (backoff), not as a reason to send again at once."""
+        index = self.state.target
         target = self.targets[index]
-        self.stats.requests += 1
-        try:
-            async with self.session.post(
-                target.url + self._path + "/_bulk_docs", data=bulk_body(batch),
-                headers={**target.headers, "Content-Type": "application/json"}, timeout=self.timeout,
-            ) as response:
-                status, payload = response.status, await response.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._failed(target, "unreachable", f"{type(exc).__name__}: {exc}")
-            raise Refused(index) from exc
-        if status in (201, 202, 400, 413):
-            return status, payload
-        reason = _reason(payload)
-        if status in (401, 403):
-            self._failed(target, "refused", f"HTTP {status} {reason}", loud=True,
-                         action="check couchdb.username/password and the database's _security "
-                         "members; data is kept (spooled) and retried")
-        elif status == 404:
-            if await self._create_database(target):
-                return await self._post(batch)
-        else:
-            self._failed(target, "server_error", f"HTTP {status} {reason}")
-        raise Refused(index)
+        body = bulk_body(batch)
+        created = False
+        while True:
+            self.stats.requests += 1
+            response = await self.client.bulk_docs(target, self._path, body)
+            if response.error is not None:
+                self._failed(target, "unreachable", response.error)
+                raise Refused(index)
+            kind = verdict(response.status, response.body)
+            if kind in (Verdict.RESULTS, Verdict.SPLIT):
+                return response
+            error = f"HTTP {response.status} {describe(response.body)}"
+            if kind is Verdict.MISSING and not created:
+                created = True
+                if await self._create_database(target):
+                    continue
+            elif kind is Verdict.MISSING:
+                self._failed(target, "database_missing", error + " (right after it was created)")
+            elif kind is Verdict.REFUSED:
+                self._failed(target, "refused", error, loud=True,
+                             action="check couchdb.username/password and the database's _security "
+                             "members; data is kept (spooled) and retried")
+            elif response.status in (400, 413):
+                self._failed(target, "unexpected_answer", error, loud=True,
+                             action="not a CouchDB answer (a proxy in the way?); data is kept "
+                             "(spooled) and retried with backoff")
+            else:
+                self._failed(target, "server_error", error)
+            raise Refused(index)
 
     async def _settle(self, outcome: Outcome, replayed: bool) -> None:
-        if outcome.rejected:
-            await self._dead_letter(outcome.rejected)
-        done = outcome.stored + outcome.conflicts + [r.doc for r in outcome.rejected]
+        given_up = self.budget.charge(outcome)
+        rejected = outcome.rejected + given_up
+        if rejected:
+            await self._dead_letter(rejected)
+        done = outcome.stored + outcome.conflicts + [r.doc for r in rejected]
+        self.budget.settled(done)
         if not replayed:
             self.acknowledge(done)
         self.stats.stored += len(outcome.stored)
         self.stats.conflicts += len(outcome.conflicts)
+        self.stats.retrying = len(self.budget)
         if done:
             self.stats.last_success = time.time()
         if outcome.retry:
-            self.log.warning("documents_not_stored", count=len(outcome.retry),
-                             first_id=outcome.retry[0].doc_id, action="spooled and retried")
+            error, reason = outcome.errors[outcome.retry[0].doc_id]
+            self.stats.last_error = (f"{len(self.budget)} document(s) retried after "
+                                     f"{error}: {reason}")
+            delay = backoff(self.budget.most(outcome.retry), self.shipping.retry_max_backoff,
+                            random.random())
+            self._next_replay = time.monotonic() + delay
+            self.log.warning("documents_not_stored", count=len(outcome.retry), error=error,
+                             reason=reason, first_id=outcome.retry[0].doc_id,
+                             action=f"spooled and retried in {delay:.1f}s; dead-lettered after "
+                             f"{self.budget.attempts} attempts")
 
     async def _split(self, batch: list[Document], work: deque[list[Document]],
                      error: str, reason: str, replayed: bool) -> None:
@@ -330,9 +343,11 @@ class Shipper:
             if not wait:
                 return
             await asyncio.sleep(max(0.05, self._next_probe - time.monotonic()))
-            await self._replay()
-            if self.healthy:
-                docs = await self._send(docs, replayed=False)
+            if self.spool.pending:
+                await self._replay()
+            # With nothing spooled (an unwritable spool folder), `docs` are the probe.
+            if self.healthy or not self.spool.pending:
+                docs = (await self._send(docs)).unsettled
 
     async def _append(self, docs: list[Document]) -> bool:
         try:
@@ -340,20 +355,24 @@ class Shipper:
         except OSError as exc:
             if self.stats.last_error != f"spool: {exc}":
                 self.log.error("spool_write_failed", folder=str(self.spool.folder), error=str(exc),
-                               action="free space there (or lower spool.max_bytes); reading "
-                               "pauses meanwhile and nothing is lost")
+                               action="free space there (or lower spool.max_bytes), or make it a "
+                               "writable folder; reading pauses meanwhile and nothing is lost")
             self.stats.last_error = f"spool: {exc}"
             return False
 
     async def _replay(self) -> None:
-        """Send the oldest spooled batch; it doubles as the probe while CouchDB is down."""
+        """Send the oldest spooled batch; it doubles as the probe while CouchDB is down.
+        Documents to retry go to the back of the spool, so they hold up nothing behind them."""
         cfg = self.shipping
         items = await asyncio.to_thread(self.spool.read, cfg.batch_max_docs, cfg.batch_max_bytes)
         if not items:
             # Records counted but none readable (skipped as corrupt): do not spin on them.
             await asyncio.sleep(0.05)
             return
-        unsettled = {id(d) for d in await self._send([i.doc for i in items], replayed=True)}
+        sent = await self._send([i.doc for i in items], replayed=True)
+        unsettled = {id(d) for d in sent.unsent}
+        if sent.retry and not await self._append(sent.retry):
+            unsettled.update(id(d) for d in sent.retry)
         done = list(itertools.takewhile(lambda i: id(i.doc) not in unsettled, items))
         if done:
             await asyncio.to_thread(self.spool.commit, done)
@@ -373,28 +392,39 @@ class Shipper:
     # -- health
 
     def _went_down(self, target: int) -> None:
-        self.healthy = False
+        before = self.state
+        self.state = before.failed(target)
         self.stats.failures += 1
-        self.stats.consecutive_failures += 1
-        # Two sends in flight may fail on one URL: fail over once, not back and forth.
-        if len(self.targets) > 1 and target == self._target:
-            self._target = (self._target + 1) % len(self.targets)
-            self._since_failover = time.monotonic()
-            self.log.warning("couchdb_failover", url=self.targets[self._target].url)
-        ceiling = min(self.shipping.retry_max_backoff, 0.1 * 2 ** min(self.stats.consecutive_failures, 20))
-        self._next_probe = time.monotonic() + random.uniform(ceiling / 2, ceiling)
+        self.stats.consecutive_failures = self.state.failures
+        self.stats.health = self.state.health.value
+        now = time.monotonic()
+        if self.state.target != before.target:
+            self._next_failback = now + self.failback_after
+            self.log.warning("couchdb_failover", url=self.targets[self.state.target].url)
+        self._next_probe = now + backoff(self.state.failures, self.shipping.retry_max_backoff,
+                                         random.random())
 
     def _went_up(self) -> None:
-        if not self.healthy:
-            self.log.info("couchdb_reachable", url=self.targets[self._target].url,
-                          after_failures=self.stats.consecutive_failures,
-                          spooled=self.spool.pending)
-        self.healthy = True
+        before = self.state
+        self.state = before.on(Event.RETRIED if self.budget else Event.SETTLED)
+        if before.health is Health.DOWN:
+            self.log.info("couchdb_reachable", url=self.targets[self.state.target].url,
+                          after_failures=before.failures, spooled=self.spool.pending)
         self.stats.consecutive_failures = 0
+        self.stats.health = self.state.health.value
 
-    def _fail_back(self) -> None:
-        if self._target and self.healthy and time.monotonic() - self._since_failover > self.failback_after:
-            self._target = 0
+    def _start_failback_probe(self) -> None:
+        """While a later URL is in use, check the first one every `failback_after` seconds,
+        in the background; fail back only once it answers."""
+        if not self.state.target or time.monotonic() < self._next_failback or (
+                self._probe is not None and not self._probe.done()):
+            return
+        self._next_failback = time.monotonic() + self.failback_after
+        self._probe = asyncio.create_task(self._failback_probe())
+
+    async def _failback_probe(self) -> None:
+        if await self.client.up(self.targets[0]) and self.state.target:
+            self.state = self.state.failed_back()
             self.log.info("couchdb_failback", url=self.targets[0].url)
 
     async def _dead_letter(self, rejections: list[Rejection]) -> None:
@@ -406,17 +436,15 @@ class Shipper:
 
     async def _create_database(self, target: Endpoint) -> bool:
         """Create the missing database if the agent's user may; True if it exists now."""
-        try:
-            async with self.session.put(target.url + self._path, headers=target.headers,
-                                        timeout=self.timeout) as response:
-                status, reason = response.status, _reason(await response.read())
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._failed(target, "unreachable", f"{type(exc).__name__}: {exc}")
+        response = await self.client.create_database(target, self._path)
+        if response.error is not None:
+            self._failed(target, "unreachable", response.error)
             return False
-        if status in (201, 202, 412):
+        if response.status in (201, 202, 412):
             self.log.info("database_created", url=target.url)
             return True
-        self._failed(target, "database_missing", f"HTTP {status} {reason}", loud=True,
+        self._failed(target, "database_missing",
+                     f"HTTP {response.status} {describe(response.body)}", loud=True,
                      action="create it with 'agent setup' or as a CouchDB admin; "
                      "data is kept (spooled) and retried")
         return False
@@ -430,17 +458,3 @@ class Shipper:
             self.log.error("couchdb_" + kind, url=target.url, error=error, action=action)
         else:
             self.log.debug("couchdb_" + kind, url=target.url, error=error)
-
-
-def _json(payload: bytes) -> Any:
-    try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _reason(payload: bytes) -> str:
-    body = _json(payload)
-    if isinstance(body, dict):
-        return f"{body.get('error', '')}: {body.get('reason', '')}".strip(": ")
-    return payload[:200].decode("utf-8", "replace")

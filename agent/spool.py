@@ -14,7 +14,14 @@ elsewhere is skipped by searching for the next MAGIC, and counted. The
 owner of the spool learns of any damage (`damaged`), so that it can read
 the lost lines again from the log files.
 
-All methods block (file I/O and fsync): call them through a thread.
+All methods block (file I/O and fsync): call them through a thread. They hold
+one lock, so a thread left running by a cancelled `asyncio.to_thread` (an
+append still writing at shutdown) finishes before another call touches the
+segment, and `close` waits for it.
+
+A spool folder that cannot be made or written (a read-only disk, a file in
+its way) is never fatal: `append` raises `OSError`, which the shipper
+treats as a full spool (reading pauses), and the next `append` tries again.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 import structlog
 
@@ -36,6 +45,8 @@ from agent.types import Document, SourceFile
 MAGIC = b"\xc7CLs"
 HEADER = struct.Struct("<4sII")
 SUFFIX = ".seg"
+DAMAGE_MARK = "damaged"
+"""A file in the spool folder while lost records have not been read again from the logs."""
 WhenFull = Literal["block", "drop_oldest"]
 log = structlog.get_logger("agent.spool")
 
@@ -81,17 +92,52 @@ class Spool:
         self.when_full = when_full
         self.stats = SpoolStats()
         self.damaged = False
-        """A record was lost to corruption since the spool was opened."""
+        """A record was lost to corruption, in this run or an earlier one whose damage was not
+        yet handled (`clear_damage`): the mark is kept on disk, so a restart still knows."""
         self._segments: list[_Segment] = []
         self._fd: int | None = None
         self._cache: tuple[int, bytes] | None = None
+        self._lock = threading.Lock()
 
     # -- opening
 
     def open(self) -> None:
-        """Load the segments left by an earlier run, checking every record."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        numbers = sorted(int(p.stem) for p in self.folder.glob(f"*{SUFFIX}") if p.stem.isdigit())
+        """Load the segments left by an earlier run, checking every record. A folder that cannot
+        be made or listed is logged, not raised: `append` tries again (and fails while it lasts,
+        which pauses reading). If it could not be listed, what it held is unknown: `damaged`."""
+        with self._lock:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                names = [p.stem for p in self.folder.glob(f"*{SUFFIX}")]
+            except OSError as exc:
+                self.damaged = self.damaged or self.folder.exists()
+                log.error("spool_unavailable", folder=str(self.folder), error=str(exc),
+                          action="make it a writable folder; until then the spool counts as full "
+                          "and reading pauses while CouchDB cannot take documents")
+                return
+            self._load(sorted(int(n) for n in names if n.isdigit()))
+            if self.damaged or (self.folder / DAMAGE_MARK).exists():
+                self._mark_damaged()
+
+    def clear_damage(self) -> None:
+        """The owner has read the lost lines again (or will from offsets already saved)."""
+        with self._lock:
+            self.damaged = False
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / DAMAGE_MARK).unlink()
+
+    def _mark_damaged(self) -> None:
+        if not self.damaged or not (self.folder / DAMAGE_MARK).exists():
+            self.damaged = True
+            try:
+                (self.folder / DAMAGE_MARK).touch()
+                _fsync_folder(self.folder)
+            except OSError as exc:
+                log.error("spool_damage_unmarked", folder=str(self.folder), error=str(exc),
+                          action="a restart before the lost lines are read again will not know "
+                          "of the loss; make the folder writable")
+
+    def _load(self, numbers: list[int]) -> None:
         for number in numbers:
             segment = _Segment(number, self._path(number).stat().st_size)
             try:
@@ -101,7 +147,7 @@ class Spool:
                 log.error("spool_segment_unreadable", segment=str(self._path(number)),
                           error=str(exc), moved_to=str(aside),
                           action="its lines are read again from the log files if they still exist")
-                self.damaged = True
+                self._mark_damaged()
                 with contextlib.suppress(OSError):
                     self._path(number).rename(aside)
                 continue
@@ -133,7 +179,7 @@ class Spool:
                     # Torn by a crash during a write (never acknowledged), or a damaged last
                     # record (acknowledged): the two cannot be told apart, so read again.
                     self.stats.torn_records += 1
-                    self.damaged = True
+                    self._mark_damaged()
                     return valid_end
                 segment.corrupt_at.add(offset)
                 self._corrupt(segment, offset)
@@ -145,7 +191,7 @@ class Spool:
 
     def _corrupt(self, segment: _Segment, offset: int) -> None:
         self.stats.corrupt_records += 1
-        self.damaged = True
+        self._mark_damaged()
         log.error("spool_record_corrupt", segment=str(self._path(segment.number)), offset=offset,
                   action="skipped; its lines are read again from the log files if they still exist")
 
@@ -153,7 +199,11 @@ class Spool:
 
     def append(self, docs: Sequence[Document]) -> bool:
         """Append and fsync `docs`; False (nothing written) if the spool is full. An OSError
-        (no space left, say) also leaves nothing written."""
+        (no space left, an unwritable folder) also leaves nothing written."""
+        with self._lock:
+            return self._append(docs)
+
+    def _append(self, docs: Sequence[Document]) -> bool:
         payloads = [_payload(d) for d in docs]
         size = sum(HEADER.size + len(p) for p in payloads)
         if not self._make_room(size):
@@ -197,9 +247,11 @@ class Spool:
         if last is None or self._fd is None or last.size + incoming > self.segment_bytes:
             self._close_active()
             number = last.number + 1 if last else 1
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # Opened before it is listed: a segment that could not be created must not be read.
+            self._fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             last = _Segment(number, 0)
             self._segments.append(last)
-            self._fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         return last
 
     # -- replay
@@ -210,6 +262,10 @@ class Spool:
 
     def read(self, max_docs: int, max_bytes: int) -> list[SpooledDoc]:
         """The next undelivered documents in order (the same ones again until `commit`)."""
+        with self._lock:
+            return self._read(max_docs, max_bytes)
+
+    def _read(self, max_docs: int, max_bytes: int) -> list[SpooledDoc]:
         out: list[SpooledDoc] = []
         size = 0
         for segment in self._segments:
@@ -248,6 +304,10 @@ class Spool:
 
     def commit(self, delivered: Sequence[SpooledDoc]) -> None:
         """`delivered` (as returned by `read`) reached CouchDB; delete finished segments."""
+        with self._lock:
+            self._commit(delivered)
+
+    def _commit(self, delivered: Sequence[SpooledDoc]) -> None:
         for item in delivered:
             segment = self._segment(item.segment)
             if segment is None:
@@ -282,10 +342,47 @@ class Spool:
             self._fd = None
 
     def close(self) -> None:
-        self._close_active()
+        """Close the active segment, once any call still running in a thread has finished."""
+        with self._lock:
+            self._close_active()
 
     def _path(self, number: int) -> Path:
         return self.folder / f"{number:012d}{SUFFIX}"
+
+
+def spool_folder(root: Path, database: str) -> Path:
+    """The spool folder of `database`: percent-encoded, so that no two names share one (CouchDB
+    allows `/` in names, and `app/x` and `app//x` are two databases)."""
+    return root / quote(database, safe="")
+
+
+def migrate_folders(root: Path, databases: Iterable[str]) -> None:
+    """Move spools written under the old folder names (`root / database`, taken as a path) to
+    their encoded names. An old folder that several databases map to is left alone and logged:
+    which database its documents belong to cannot be told. Blocking."""
+    claims: dict[Path, list[str]] = {}
+    for database in databases:
+        old = root / database
+        if old != spool_folder(root, database):
+            claims.setdefault(old, []).append(database)
+    for old, names in claims.items():
+        try:
+            if not any(old.glob(f"*{SUFFIX}")):
+                continue
+            new = spool_folder(root, names[0])
+            if len(names) > 1 or (new.exists() and any(new.glob(f"*{SUFFIX}"))):
+                log.error("spool_migration_ambiguous", folder=str(old), databases=names,
+                          action="move its segment files to the folder of the database they "
+                          "belong to (names are percent-encoded now); they are not sent until then")
+                continue
+            new.mkdir(parents=True, exist_ok=True)
+            for segment in sorted(old.glob(f"*{SUFFIX}")):
+                segment.rename(new / segment.name)
+            _fsync_folder(new)
+            log.info("spool_migrated", database=names[0], old=str(old), new=str(new))
+        except OSError as exc:
+            log.error("spool_migration_failed", folder=str(old), error=str(exc),
+                      action="move its segment files by hand to the percent-encoded folder name")
 
 
 def _payload(doc: Document) -> bytes:

@@ -2,7 +2,10 @@
 
 Modes: "pass" (forward), "reset" (drop the connection), "stall" (never answer),
 "500" (answer an error), "401" (refuse the credentials), "slow" (forward after a delay), "413" (refuse bodies
-over `max_body` bytes, forward the rest), "flap" (pick one of those per request).
+over `max_body` bytes, forward the rest), "flap" (pick one of those per request). Modes that
+only touch `_bulk_docs` (other requests pass): "html400" (a 400 with a proxy's HTML page),
+"404" (no such database, though creating it answers that it exists), "doc_error" (forward,
+but answer each document whose JSON contains `poison` with a per-document error).
 It runs on its own event loop in a thread, so a test can flip modes while the
 agent runs in another process.
 """
@@ -10,6 +13,7 @@ agent runs in another process.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 from typing import Literal
@@ -17,7 +21,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import ClientSession, ClientTimeout, web
 
-Mode = Literal["pass", "reset", "stall", "500", "slow", "413", "401", "flap"]
+Mode = Literal["pass", "reset", "stall", "500", "slow", "413", "401", "flap", "html400", "404",
+               "doc_error"]
 FLAP = ("pass", "pass", "pass", "reset", "500", "stall", "slow", "413")
 HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 
@@ -31,6 +36,9 @@ class FaultProxy:
         self.max_body = 64 * 1024
         self.delay = 0.3
         self.requests = 0
+        self.bulk_requests = 0
+        """`_bulk_docs` requests only (not probes, not database creation)."""
+        self.poison = b"poison"
         self.faults = 0
         self.in_flight = 0
         self.most_in_flight = 0
@@ -98,6 +106,20 @@ class FaultProxy:
     async def _answer(self, request: web.Request, session: ClientSession) -> web.StreamResponse:
         body = await request.read()
         mode = self.mode if self.mode != "flap" else self._random.choice(FLAP)
+        bulk = request.method == "POST" and request.path.endswith("/_bulk_docs")
+        self.bulk_requests += bulk
+        if mode in ("html400", "404", "doc_error") and not bulk:
+            mode = "pass"
+        if mode == "html400":
+            self.faults += 1
+            return web.Response(status=400, content_type="text/html",
+                                text="<html><body><h1>400 Bad Request</h1><hr>nginx</body></html>")
+        if mode == "404":
+            self.faults += 1
+            return web.json_response({"error": "not_found", "reason": "Database does not exist."},
+                                     status=404)
+        if mode == "doc_error":
+            return await self._poisoned(request, session, body)
         if mode == "413" and len(body) <= self.max_body:
             mode = "pass"
         if mode != "pass":
@@ -117,6 +139,10 @@ class FaultProxy:
             return web.json_response({"error": "too_large", "reason": "injected"}, status=413)
         if mode == "slow":
             await asyncio.sleep(self.delay)
+        return await self._forward(request, session, body)
+
+    async def _forward(self, request: web.Request, session: ClientSession,
+                       body: bytes) -> web.Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         async with session.request(request.method, self.upstream + request.path_qs, data=body,
                                    headers=headers) as upstream:
@@ -124,3 +150,22 @@ class FaultProxy:
             out_headers = {k: v for k, v in upstream.headers.items()
                            if k.lower() not in HOP_HEADERS | {"content-encoding"}}
             return web.Response(status=upstream.status, body=payload, headers=out_headers)
+
+    async def _poisoned(self, request: web.Request, session: ClientSession,
+                        body: bytes) -> web.Response:
+        """Forward the documents without `poison`; answer the others with an error that is
+        neither final nor a conflict, as a node in trouble might."""
+        docs = json.loads(body)["docs"]
+        poisoned = [d for d in docs if self.poison in json.dumps(d).encode()]
+        clean = [d for d in docs if d not in poisoned]
+        self.faults += len(poisoned)
+        results = []
+        if clean:
+            response = await self._forward(request, session, json.dumps({"docs": clean}).encode())
+            if response.status not in (201, 202):
+                return response
+            assert isinstance(response.body, bytes)
+            results = json.loads(response.body)
+        results += [{"id": d["_id"], "error": "unknown_error", "reason": "injected"}
+                    for d in poisoned]
+        return web.json_response(results, status=201)

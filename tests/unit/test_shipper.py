@@ -1,8 +1,13 @@
-"""What each `_bulk_docs` per-document result means (pure), and credentials kept out of URLs."""
+"""What `_bulk_docs` answers mean (pure), retries bounded, and credentials kept out of URLs."""
 
 from __future__ import annotations
 
+import ssl
+from dataclasses import dataclass
+
+from agent.bulk import RetryBudget, Verdict, verdict
 from agent.config import CouchDBConfig
+from agent.couchdb import connection_limit, ssl_context
 from agent.shipper import basic_auth, bulk_body, classify_results, endpoints
 from agent.types import Document, FileId, SourceFile
 
@@ -53,3 +58,63 @@ def test_credentials_are_split_off_the_url() -> None:
     assert plain.url == "https://db.example" and plain.headers == basic_auth("w", "p")
     (anonymous,) = endpoints(CouchDBConfig(("http://[::1]:5984/couch",), None, None, 5))
     assert anonymous.url == "http://[::1]:5984/couch" and anonymous.headers == {}
+
+
+def test_only_a_couchdb_error_body_splits_a_refused_batch() -> None:
+    couch = b'{"error":"bad_request","reason":"Document must be a JSON object"}'
+    html = b"<html><body><h1>400 Bad Request</h1>nginx</body></html>"
+    assert verdict(400, couch) is Verdict.SPLIT
+    assert verdict(413, b'{"error":"too_large","reason":"the request entity is too large"}') \
+        is Verdict.SPLIT
+    for status in (400, 413):
+        assert verdict(status, html) is Verdict.FAILED
+        assert verdict(status, b"") is Verdict.FAILED
+        assert verdict(status, b'["error"]') is Verdict.FAILED
+    assert verdict(201, b"[]") is Verdict.RESULTS and verdict(202, b"[]") is Verdict.RESULTS
+    assert verdict(401, b"") is Verdict.REFUSED and verdict(403, b"") is Verdict.REFUSED
+    assert verdict(404, couch) is Verdict.MISSING
+    assert verdict(500, couch) is Verdict.FAILED and verdict(502, html) is Verdict.FAILED
+
+
+def test_per_document_errors_are_retried_a_bounded_number_of_times() -> None:
+    budget = RetryBudget(attempts=3)
+    docs = [doc(1), doc(2)]
+    results = [{"id": "d1", "error": "unknown_error", "reason": "boom"}]
+    for attempt in (1, 2):
+        outcome = classify_results(docs, results)
+        assert budget.charge(outcome) == []
+        assert outcome.retry == docs and len(budget) == 2 and budget.most(docs) == attempt
+    outcome = classify_results(docs, results)
+    given_up = budget.charge(outcome)
+    assert outcome.retry == [] and len(budget) == 0
+    assert [(r.doc.doc_id, r.error) for r in given_up] == [("d1", "unknown_error"),
+                                                           ("d2", "no_result")]
+    assert given_up[0].reason.startswith("boom")
+
+
+def test_a_stored_document_leaves_the_retry_budget() -> None:
+    budget = RetryBudget(attempts=2)
+    budget.charge(classify_results([doc(1)], []))
+    outcome = classify_results([doc(1)], [{"id": "d1", "ok": True}])
+    budget.settled(outcome.stored)
+    assert len(budget) == 0
+    assert budget.charge(classify_results([doc(1)], [])) == []
+
+
+def test_the_connection_pool_covers_every_send_in_flight_and_the_probes() -> None:
+    assert connection_limit(concurrency=4, databases=3) >= 4 * 3 + 3
+    assert connection_limit(concurrency=1, databases=1) >= 2
+
+
+def test_tls_settings_are_optional_and_build_a_context() -> None:
+    plain = CouchDBConfig(("https://db.example",), None, None, 5)
+    assert ssl_context(plain) is None
+
+    @dataclass(frozen=True)
+    class WithTLS(CouchDBConfig):
+        ca_file: str | None = None
+        tls_verify: bool = True
+
+    unverified = ssl_context(WithTLS(("https://db.example",), None, None, 5, tls_verify=False))
+    assert unverified is not None and unverified.verify_mode is ssl.CERT_NONE
+    assert not unverified.check_hostname

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
-from agent.spool import MAGIC, Spool
+import pytest
+
+from agent.spool import MAGIC, Spool, migrate_folders, spool_folder
 from agent.types import Document, FileId, SourceFile
 
 F = SourceFile("src", FileId(1, 2, "ab"))
@@ -104,3 +108,94 @@ def test_drop_oldest_makes_room_and_counts(tmp_path: Path) -> None:
     survivors = replay_all(s)
     assert len(survivors) + s.stats.dropped_records == 200
     assert survivors[-1].doc_id == "d199"
+
+
+def test_database_names_map_to_folders_one_to_one(tmp_path: Path) -> None:
+    names = ["app/x", "app//x", "app%2Fx", "a$b(c)+d-e_f", "plain"]
+    folders = [spool_folder(tmp_path, n) for n in names]
+    assert len(set(folders)) == len(names)
+    assert all(f.parent == tmp_path for f in folders)
+    assert spool_folder(tmp_path, "plain") == tmp_path / "plain"
+    a, b = spool(folders[0]), spool(folders[1])
+    a.append(docs(0, 3))
+    b.append(docs(10, 2))
+    a.close()
+    b.close()
+    assert [d.doc_id for d in replay_all(spool(folders[0]))] == ["d0", "d1", "d2"]
+    assert [d.doc_id for d in replay_all(spool(folders[1]))] == ["d10", "d11"]
+
+
+def test_spools_under_the_old_folder_names_are_migrated(tmp_path: Path) -> None:
+    old = spool(tmp_path / "app" / "x")
+    old.append(docs(0, 4))
+    old.close()
+    shared = spool(tmp_path / "web" / "y")
+    shared.append(docs(20, 1))
+    shared.close()
+    migrate_folders(tmp_path, ["app/x", "web/y", "web//y", "plain"])
+    assert [d.doc_id for d in replay_all(spool(spool_folder(tmp_path, "app/x")))] == [
+        "d0", "d1", "d2", "d3"]
+    assert not list((tmp_path / "app" / "x").glob("*.seg"))
+    # Two databases claim web/y: its documents cannot be attributed, so they stay put.
+    assert len(list((tmp_path / "web" / "y").glob("*.seg"))) == 1
+    assert spool(spool_folder(tmp_path, "web/y")).pending == 0
+
+
+def test_a_spool_folder_that_cannot_be_made_is_a_full_spool_not_a_crash(tmp_path: Path) -> None:
+    blocked = tmp_path / "spool"
+    blocked.write_bytes(b"a file where the folder should be")
+    s = spool(blocked / "db")
+    with pytest.raises(OSError):
+        s.append(docs(0, 2))
+    assert s.pending == 0 and s.read(10, 1 << 20) == []
+    blocked.unlink()
+    assert s.append(docs(0, 2))
+    assert [d.doc_id for d in replay_all(s)] == ["d0", "d1"]
+
+
+def test_an_unwritable_segment_is_never_listed(tmp_path: Path) -> None:
+    s = spool(tmp_path, segment_bytes=100)
+    assert s.append(docs(0, 1))
+    (tmp_path / "000000000002.seg").mkdir()  # the next segment cannot be opened
+    with pytest.raises(OSError):
+        s.append(docs(1, 1))
+    assert [d.doc_id for d in replay_all(s)] == ["d0"]
+
+
+def test_close_waits_for_an_append_still_running_in_a_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancelled `asyncio.to_thread(spool.append)` keeps running; shutdown then closes the
+    spool. The close must wait, or the append fsyncs a closed (or reused) descriptor."""
+    s = spool(tmp_path, segment_bytes=1 << 20)
+    s.append(docs(0, 1))
+    in_fsync, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        in_fsync.set()
+        release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr("agent.spool.os.fsync", slow_fsync)
+    outcome: list[object] = []
+
+    def append() -> None:
+        try:
+            outcome.append(s.append(docs(1, 5)))
+        except OSError as exc:
+            outcome.append(exc)
+
+    writer = threading.Thread(target=append)
+    writer.start()
+    assert in_fsync.wait(10)
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    closer.join(0.5)
+    closed_early = not closer.is_alive()
+    release.set()
+    writer.join(10)
+    closer.join(10)
+    assert not closed_early, "close did not wait for the append in flight"
+    assert outcome == [True]
+    monkeypatch.setattr("agent.spool.os.fsync", real_fsync)
+    assert [d.doc_id for d in replay_all(spool(tmp_path))] == [f"d{n}" for n in range(6)]
