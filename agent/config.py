@@ -366,8 +366,9 @@ class CouchDBConfig:
                                "variable", secret=True)
     request_timeout: float = key(_duration, 30.0, "seconds before a request is abandoned and "
                                  "retried")
-    failback_after: float = key(_duration, 60.0, "seconds on a fallback URL before the first URL "
-                                "is tried again")
+    failback_after: float = key(_duration, 60.0, "while on a fallback URL, seconds between "
+                                "probes of the first URL (GET /_up); the agent fails back once "
+                                "one answers")
     password_file: Path | None = key(_path, None, "file holding the password (its first line), "
                                      "relative to the main file's folder; readable by the agent "
                                      "only (0600/0640)")
