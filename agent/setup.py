@@ -40,7 +40,12 @@ cannot contain a dot, so the two never meet."""
 
 JsEngine = Literal["quickjs", "spidermonkey"]
 
-# Writers only ever create. `_rev` in the new document is refused because a
+# Writers only ever create. Any change to an existing document carries a `_rev`
+# (in the body, or set from `?rev=`), and a create never does. A create of an id that
+# exists (no `_rev`, `oldDoc` set) never reaches this function on CouchDB, which answers
+# `conflict` first; pouchdb-server validates first, so it is let through to get the same
+# `conflict` (that is how an agent's re-sent document counts as delivered).
+# `_rev` in the new document is refused also because a
 # `_bulk_docs {"new_edits": false}` write always carries one and can add a winning revision
 # to an existing document, while `oldDoc` is null there (measured on CouchDB 3.5).
 # The public writer (whose credentials nginx injects for anonymous POSTs) may only use ids
@@ -54,7 +59,7 @@ VALIDATE_DOC_UPDATE = r"""function (newDoc, oldDoc, userCtx, secObj) {
   if (!writer) {
     throw({forbidden: 'only couchlog_agent and couchlog_public users may write to this database'});
   }
-  if (oldDoc || newDoc._rev) {
+  if (newDoc._rev) {
     throw({forbidden: 'writers may only create new documents: no _rev, no updates'});
   }
   if (newDoc._deleted) { throw({forbidden: 'writers may not delete documents'}); }
@@ -353,7 +358,7 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None,
                 auth: tuple[str, str] | Literal["admin"] | None = "admin") -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = "application/json"

@@ -229,3 +229,18 @@ def test_agent_run_ships_through_the_front_over_tls(front: Front, couch: CouchDB
         pipeline.wait_for(expected)
     finally:
         pipeline.stop()
+
+
+def test_agent_send_through_the_front_anonymously_stores_once(front: Front, couch: CouchDB,
+                                                              tmp_path: Path) -> None:
+    data = tmp_path / "app.jsonl"
+    data.write_text("".join(json.dumps({"msg": f"sent {i}"}) + "\n" for i in range(50)))
+    args = ("send", "--url", f"https://127.0.0.1:{front.https_port}", "--ca-file", str(front.ca),
+            "--db", front.db, str(data))
+    first = run_agent(*args)
+    assert first.returncode == 0, first.stderr
+    second = run_agent(*args)
+    assert second.returncode == 0 and "0 stored, 50 already stored" in second.stderr, second.stderr
+    sent = Counter(str(doc["msg"]) for doc in couch.docs(front.db)
+                   if str(doc.get("msg", "")).startswith("sent "))
+    assert sent == Counter(f"sent {i}" for i in range(50))
