@@ -182,13 +182,19 @@ def config_settings(server: Server, js_engine: JsEngine) -> list[tuple[str, str,
     return settings
 
 
+def system_databases(server: Server) -> tuple[str, ...]:
+    """What CouchDB 3 needs and creates only in single-node mode or when a cluster is finished:
+    without `_users` no user can log in."""
+    return ("_users", "_replicator") if server.version is not None else ()
+
+
 def paths_to_observe(wanted: Wanted, server: Server) -> list[str]:
     """Everything `plan` compares, so `observe` can fetch exactly that."""
-    paths: list[str] = []
+    paths: list[str] = [db_path(db) for db in system_databases(server)]
     for db in wanted.databases:
         paths += [db_path(db), db_path(db) + "/_security", db_path(db) + "/" + VALIDATION_DOC_ID]
         paths += [db_path(db) + "/" + doc["_id"] for doc in wanted.design_documents]
-        if wanted.replication is not None and server.replicator:
+        if wanted.replication is not None and (server.replicator or server.version is not None):
             paths.append("/_replicator/" + quote(replication_doc_id(db), safe=""))
     paths += [db_path(DASHBOARD_DB), db_path(DASHBOARD_DB) + "/_security"]
     paths += [db_path(DASHBOARD_DB) + "/" + doc["_id"] for doc in wanted.dashboard_documents]
@@ -209,6 +215,9 @@ def plan(wanted: Wanted, server: Server, seen: Seen) -> Plan:
     result = Plan()
     changes = result.changes
     query = "&".join(f"{k}={v}" for k, v in (("q", wanted.shards), ("n", wanted.replicas)) if v)
+    for db in system_databases(server):
+        if seen.get(db_path(db)) is None:
+            changes.append(Change("PUT", db_path(db), None, f"create system database {db}"))
     for db in (*wanted.databases, DASHBOARD_DB):
         if seen.get(db_path(db)) is None:
             changes.append(Change("PUT", db_path(db) + (f"?{query}" if query else ""), None,
@@ -301,7 +310,7 @@ def _plan_replication(wanted: Wanted, server: Server, seen: Seen, result: Plan) 
     replication = wanted.replication
     if replication is None:
         return
-    if not server.replicator:
+    if not server.replicator and "_replicator" not in system_databases(server):
         result.notes.append("this server has no _replicator database: no replication "
                             "documents written")
         return
@@ -553,6 +562,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, metavar="Q", help="shards of a new database (cluster)")
     parser.add_argument("--replicas", type=int, metavar="N",
                         help="copies of each shard of a new database (cluster)")
+    parser.add_argument("--agent-user", help="an agent's user (default: couchdb.username of -c)")
+    parser.add_argument("--agent-password-file", type=Path, metavar="FILE",
+                        help="its password (default: the config's)")
     parser.add_argument("--public-user", default="couchlog_public",
                         help="the user whose credentials nginx injects for anonymous writes")
     parser.add_argument("--public-password-file", type=Path, metavar="FILE",
@@ -659,7 +671,14 @@ def _admin_password(args: argparse.Namespace, problems: list[Problem]) -> str:
 def _users(args: argparse.Namespace, config: AgentConfig | None,
            problems: list[Problem]) -> tuple[User, ...]:
     users = []
-    if config is not None:
+    if args.agent_user is not None:
+        if args.agent_password_file is None:
+            problems.append(Problem("agent setup", "--agent-password-file", "needed with --agent-user"))
+        else:
+            users.append(User(args.agent_user, _read_secret(args.agent_password_file,
+                                                             "--agent-password-file", problems),
+                              ROLE_AGENT))
+    elif config is not None:
         name, password = config.couchdb.username, config.couchdb.password
         if name is None and config.couchdb.urls:
             name, password = split_credentials(config.couchdb.urls[0])[1] or (None, None)

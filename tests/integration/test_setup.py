@@ -4,12 +4,15 @@ replication documents, the config API, and no secret in its output."""
 from __future__ import annotations
 
 import secrets
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from tests.agentproc import write_config
 from tests.backendsetup import Account, account, delete_users, run_agent
@@ -199,3 +202,30 @@ def test_admin_password_from_file_or_environment(scene: Scene, couch: CouchDB, t
     assert by_env.returncode == 0, by_env.stderr
     assert couch.request("GET", f"/{scene.dbs[1]}")[0] == 200
     assert password not in by_file.stdout + by_file.stderr + by_env.stdout + by_env.stderr
+
+
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None,
+                    reason="docker-compose is not installed (.ci/run installs Debian's)")
+def test_docker_compose_file_is_valid(tmp_path: Path) -> None:
+    folder = tmp_path / "docker"
+    shutil.copytree(DOCKER, folder)
+    (folder / ".env").write_text((DOCKER / "env.example").read_text())
+    done = subprocess.run(["docker-compose", "-f", str(folder / "docker-compose.yml"), "config"],
+                          capture_output=True, text=True, check=False, cwd=folder)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert sorted(services) == ["couchdb", "couchdb2", "couchdb3", "nginx", "setup"]
+    for node in ("couchdb", "couchdb2", "couchdb3"):
+        assert services[node]["image"] == "couchdb:3.5"
+        assert "ports" not in services[node]
+        assert any(str(v).endswith(":/opt/couchdb/data:rw") or "/opt/couchdb/data" in str(v)
+                   for v in services[node]["volumes"])
+    assert "profiles" not in services["couchdb"]
+    assert services["couchdb2"]["profiles"] == services["couchdb3"]["profiles"] == ["cluster"]
+    assert {str(p.get("target") if isinstance(p, dict) else p).split(":")[-1]
+            for p in services["nginx"]["ports"]} == {"80", "443"}
+    assert services["setup"]["build"]["dockerfile"].endswith("Dockerfile")
+    assert services["nginx"]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
