@@ -3,6 +3,7 @@ replication documents, the config API, and no secret in its output."""
 
 from __future__ import annotations
 
+import base64
 import secrets
 import shutil
 import subprocess
@@ -229,3 +230,27 @@ def test_docker_compose_file_is_valid(tmp_path: Path) -> None:
             for p in services["nginx"]["ports"]} == {"80", "443"}
     assert services["setup"]["build"]["dockerfile"].endswith("Dockerfile")
     assert services["nginx"]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
+
+
+def test_install_design_documents_is_idempotent(couchdb_url: str, couch: CouchDB,
+                                                database: str) -> None:
+    from agent.setup import Client, install_design_documents, split_credentials
+
+    url, admin = split_credentials(couchdb_url)
+    client = Client(url, admin)
+    page = base64.b64encode(b"<h1>dashboard</h1>").decode()
+    docs = [{"_id": "_design/reports", "views": {"by_machine": {
+                "map": "function (doc) { emit(doc.machine, 1); }", "reduce": "_count"}}},
+            {"_id": "_design/dashboard", "_attachments": {
+                "index.html": {"content_type": "text/html", "data": page}}}]
+    assert [c.summary for c in install_design_documents(client, database, docs, dry_run=True)] == [
+        f"install _design/reports in {database}", f"install _design/dashboard in {database}"]
+    assert couch.request("GET", f"/{database}/_design/reports")[0] == 404
+    assert len(install_design_documents(client, database, docs)) == 2
+    revs = [couch.request("GET", f"/{database}/{d['_id']}")[1]["_rev"] for d in docs]
+    assert install_design_documents(client, database, docs) == []
+    changed = [{**docs[0], "views": {"by_machine": {"map": "function (doc) { emit(doc.host, 1); }"}}}]
+    assert [c.summary for c in install_design_documents(client, database, changed)] == [
+        f"update _design/reports in {database}"]
+    after = [couch.request("GET", f"/{database}/{d['_id']}")[1]["_rev"] for d in docs]
+    assert after[1] == revs[1] and after[0] != revs[0]
