@@ -157,7 +157,6 @@ class Plan:
     """What could not be done on this server and why (printed as warnings)."""
 
 
-MISSING: Any = None
 Seen = dict[str, Any]
 """Path → the JSON the server holds there (None if missing); `password_ok:NAME` → bool."""
 
@@ -517,7 +516,7 @@ def render_nginx(template: str, front: Front) -> str:
     for name, value, pattern in (("server name", front.server_name, _NGINX_WORD),
                                  ("certificate", front.cert, _NGINX_WORD),
                                  ("key", front.key, _NGINX_WORD),
-                                 ("bind address", front.bind or "x", _NGINX_WORD),
+                                 *((("bind address", front.bind, _NGINX_WORD),) if front.bind else ()),
                                  ("max body size", front.max_body_size, _NGINX_SIZE),
                                  ("write rate", front.write_rate, _NGINX_RATE),
                                  ("read timeout", front.read_timeout, _NGINX_SIZE),
@@ -609,7 +608,9 @@ def command(args: argparse.Namespace, config: AgentConfig | None,
         return _nginx(args, url, problems)
     if url is None:
         raise ConfigError([Problem("agent setup", "--url", "give --url or -c CONFIG with couchdb.url")])
-    bare, url_auth = split_credentials(url if args.url else split_credentials(url)[0])
+    bare, url_auth = split_credentials(url)
+    if not args.url:
+        url_auth = None  # the config's URL carries the agent's login, not an admin's
     admin = url_auth or (args.admin, _admin_password(args, problems))
     replication = _replication(args, bare, admin, problems)
     users = _users(args, config, problems)
