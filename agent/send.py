@@ -243,7 +243,8 @@ class Sender:
                 return
         self.tally.unsent += len(pending)
         raise Stop(EXIT_UNAVAILABLE, f"{len(pending)} document(s) not stored after "
-                   f"{self.retries} retries; run again: what is stored already is not doubled")
+                   f"{self.retries} retries, and the rest of the input not sent; run again: "
+                   "what is stored already is not doubled")
 
     def _post(self, docs: list[Document], last: bool) -> list[Document]:
         """The documents to retry; raises Stop when retrying cannot help."""
