@@ -19,6 +19,8 @@ import orjson
 import structlog
 
 from agent import config as config_module
+from agent import send as send_module
+from agent import setup as setup_module
 from agent.config import DEFAULT_CONFIG_PATH, ConfigError, LogLevel, Problem, SourceConfig
 from agent.counters import SourceCounters
 from agent.lines import LineSplitter
@@ -86,7 +88,29 @@ def _arguments() -> argparse.ArgumentParser:
     parse.add_argument("--drop-unmatched", action="store_true",
                        help="drop lines that do not parse instead of printing them raw")
     parse.set_defaults(handler=_parse)
+
+    setup = command("setup", "prepare CouchDB for couchlog (databases, users, roles, security, "
+                    "settings), idempotently; or render the nginx front (--nginx)")
+    setup_module.add_arguments(setup)
+    setup.set_defaults(handler=_setup)
+
+    send = command("send", "send lines (JSON, or parsed by a source) to CouchDB once; exit 0 only "
+                   "when every line is stored; a summary goes to stderr")
+    send_module.add_arguments(send)
+    send.set_defaults(handler=_send)
     return parser
+
+
+def _setup(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    config = config_module.load(path) if args.config is not None or path.exists() else None
+    return setup_module.command(args, config)
+
+
+def _send(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    config = config_module.load(path) if args.config is not None or path.exists() else None
+    return send_module.command(args, config)
 
 
 def _config_path(args: argparse.Namespace) -> Path:

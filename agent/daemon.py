@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 
 from agent.config import AgentConfig, SourceConfig, StartAt
-from agent.couchdb import connection_limit
+from agent.couchdb import connection_limit, endpoints
 from agent.counters import SourceCounters
 from agent.deadletter import DeadLetterFile
 from agent.health import Health
@@ -34,7 +34,7 @@ from agent.offsets import OffsetStore, StateFile
 from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
 from agent.ratelimit import RepeatedFailure
-from agent.shipper import Shipper, endpoints
+from agent.shipper import Shipper
 from agent.spool import Spool, migrate_folders, spool_folder
 from agent.status import StatusFile
 from agent.tailer import TailerSet

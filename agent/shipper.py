@@ -6,10 +6,6 @@ are one `agent.health.HealthState` value (pure transitions). A document is
 acknowledged (its line may be committed) when it is stored (`ok`), already
 stored (`conflict`, the answer to a re-sent deterministic `_id`), refused
 for good and written to the dead-letter file, or fsynced to the spool.
-
-Where the public names live: `Endpoint`, `basic_auth`, `endpoints` in
-`agent.couchdb`; `classify_results`, `bulk_body`, `Outcome` in `agent.bulk`.
-They are imported here too, for code that imports them from this module.
 """
 
 from __future__ import annotations
@@ -38,15 +34,12 @@ from agent.bulk import (
     verdict,
 )
 from agent.config import CouchDBConfig, ShippingConfig
-from agent.couchdb import CouchDBClient, Endpoint, Response, basic_auth, endpoints, ssl_context
+from agent.couchdb import CouchDBClient, Endpoint, Response, ssl_context
 from agent.deadletter import DeadLetterFile, Rejection
 from agent.health import Event, Health, HealthState, backoff
 from agent.queue import DocumentQueue
 from agent.spool import Spool
 from agent.types import Acknowledge, Document
-
-__all__ = ["Endpoint", "Outcome", "Shipper", "ShipperStats", "basic_auth", "bulk_body",
-           "classify_results", "endpoints"]
 
 log = structlog.get_logger("agent.shipper")
 

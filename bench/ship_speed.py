@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.config import Problem, source_from_mapping  # noqa: E402
+from agent.couchdb import basic_auth  # noqa: E402
 from agent.counters import SourceCounters  # noqa: E402
 from agent.lines import LineSplitter  # noqa: E402
 from agent.parser import LineContext, SourceParser  # noqa: E402
-from agent.shipper import basic_auth  # noqa: E402
 from agent.types import Document, FileId, SourceFile  # noqa: E402
 from backend.pouchdb_server import PouchDBServer  # noqa: E402
 from bench.fail2ban_log import SEED_SCHEMA, count_kept  # noqa: E402

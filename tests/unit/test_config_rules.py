@@ -20,7 +20,7 @@ import yaml
 
 from agent import config
 from agent.cli import main
-from agent.shipper import endpoints
+from agent.couchdb import endpoints
 
 GOOD_SOURCE = {"name": "app", "paths": ["/var/log/app.log"], "schema": "$msg..."}
 # Every character that means something in a URL, and the ones people paste by mistake.

@@ -5,10 +5,9 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from agent.bulk import RetryBudget, Verdict, verdict
+from agent.bulk import RetryBudget, Verdict, bulk_body, classify_results, verdict
 from agent.config import CouchDBConfig
-from agent.couchdb import connection_limit, ssl_context
-from agent.shipper import basic_auth, bulk_body, classify_results, endpoints
+from agent.couchdb import basic_auth, connection_limit, endpoints, ssl_context
 from agent.types import Document, FileId, SourceFile
 
 F = SourceFile("s", FileId(1, 1, "ff"))

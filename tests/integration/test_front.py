@@ -1,0 +1,247 @@
+"""The nginx front (issue 10): Debian's nginx on loopback ports with a throwaway CA, rendered by
+`agent setup --nginx`, in front of the test backend after `agent setup`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.agentproc import write_config
+from tests.backendsetup import Account, account, backend_address, delete_users, run_agent
+from tests.couch import CouchDB
+from tests.integration.harness import Pipeline
+from tests.nginx import NGINX, FrontClient, Nginx, free_port, make_certificates
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/setup "
+                                 "installs Debian's nginx)")]
+
+
+@dataclass(frozen=True)
+class Front:
+    db: str
+    client: FrontClient
+    http_port: int
+    https_port: int
+    ca: Path
+    agent: Account
+    public: Account
+    reader: Account
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def front(couchdb_url: str, couch: CouchDB, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    folder = tmp_path_factory.mktemp("front")
+    db = f"log_front_{secrets.token_hex(4)}"
+    agent, public, reader = (account(folder / "secrets", p) for p in ("agent", "public", "reader"))
+    certs = make_certificates(folder / "tls")
+    http_port, https_port = free_port(), free_port()
+    upstream, _ = backend_address(couchdb_url)
+    config = write_config(folder / "setup", f"https://127.0.0.1:{https_port}",
+                          [{"name": "app", "paths": [str(folder / "x.log")], "database": db,
+                            "schema": "$msg..."}],
+                          couchdb={"username": agent.name, "password": agent.password})
+    done = run_agent("setup", "-c", str(config), "--url", couchdb_url,
+                     "--public-user", public.name, "--public-password-file", str(public.password_file),
+                     "--reader", reader.name, "--reader-password-file", str(reader.password_file))
+    assert done.returncode == 0, done.stderr
+    conf = folder / "couchlog.conf"
+    rendered = run_agent("setup", "--nginx", "--server-name", "localhost", "--cert", str(certs.cert),
+                         "--key", str(certs.key), "--bind", "127.0.0.1", "--http-port", str(http_port),
+                         "--https-port", str(https_port), "--upstream", upstream, "--max-body-size",
+                         "1m", "--public-user", public.name, "--public-password-file",
+                         str(public.password_file), "-o", str(conf))
+    assert rendered.returncode == 0, rendered.stderr
+    nginx = Nginx(folder / "nginx", conf)
+    nginx.start(https_port)
+    try:
+        yield Front(db, FrontClient(https_port, certs.ca), http_port, https_port, certs.ca,
+                    agent, public, reader, folder)
+    finally:
+        nginx.stop()
+        couch.delete_db(db)
+        delete_users(couch, agent.name, public.name, reader.name)
+
+
+def creds(user: Account) -> tuple[str, str]:
+    return user.name, user.password
+
+
+def test_anonymous_post_and_bulk_docs_succeed(front: Front, couch: CouchDB) -> None:
+    one = front.client.request("POST", f"/{front.db}", json.dumps({"msg": "one"}))
+    assert one.status in (201, 202), one
+    bulk = front.client.request("POST", f"/{front.db}/_bulk_docs", json.dumps(
+        {"docs": [{"msg": "two"}, {"_id": "app.three", "msg": "three"}]}))
+    assert bulk.status == 201, bulk
+    assert all(row.get("ok") for row in bulk.json()), bulk.json()
+    stored = {doc["_id"]: doc["msg"] for doc in couch.docs(front.db) if "msg" in doc}
+    assert stored[one.json()["id"]] == "one"
+    assert stored["app.three"] == "three"
+    assert Counter(stored.values())["two"] == 1
+
+
+@pytest.fixture(scope="module")
+def stored_doc(front: Front, couch: CouchDB) -> str:
+    """A document stored by the agent's user, and a view to read: what anonymous reads target."""
+    status, _ = couch.request("PUT", f"/{front.db}/_design/r", {
+        "views": {"v": {"map": "function (doc) { emit(doc._id, null); }"}}})
+    assert status == 201
+    doc_id = "app:1.2.abc:000000000000"
+    answer = front.client.request("POST", f"/{front.db}", json.dumps({"_id": doc_id, "msg": "a"}),
+                                  auth=creds(front.agent))
+    assert answer.status in (201, 202), answer
+    return doc_id
+
+
+@pytest.mark.parametrize("path", ["/{db}/{doc}", "/{db}/_all_docs", "/{db}/_design/r/_view/v",
+                                  "/{db}/_changes", "/{db}", "/", "/_all_dbs"])
+def test_anonymous_gets_are_refused(front: Front, stored_doc: str, path: str) -> None:
+    answer = front.client.request("GET", path.format(db=front.db, doc=stored_doc))
+    assert answer.status == 401, answer
+    assert answer.headers.get("www-authenticate") == 'Basic realm="couchlog"'
+
+
+READS_AS_POST = ["/{db}/_find", "/{db}/_all_docs", "/{db}/_design/r/_view/v", "/{db}/_bulk_get",
+                 "/{db}/_changes", "/{db}/_revs_diff", "/_session", "/_replicate", "/_users",
+                 "/_users/_bulk_docs", "/other_{db}", "/other_{db}/_bulk_docs", "/{db}/_explain",
+                 "/{db}%2F_find", "/{db}%2f_all_docs", "/{db}%2F_bulk_docs", "//{db}",
+                 "//{db}/_bulk_docs", "/{db}//_bulk_docs", "/{db}/./_bulk_docs",
+                 "/./{db}/_bulk_docs", "/{db}/../_users", "/{db}/_bulk_docs/../_find",
+                 "/{db}/%2e%2e/_users", "/{db}/_bulk_docs/%2e%2e/_find", "/{db}?batch=ok",
+                 "/{db}/_bulk_docs?x=1", "/{db}/_bulk_docs?", "/{db}/", "/{db}/_bulk_docs/",
+                 "/{db}/_design/r", "/{db}/_local/x", "/{db}/_ensure_full_commit"]
+
+
+@pytest.mark.parametrize("path", READS_AS_POST)
+def test_anonymous_posts_other_than_writes_are_refused(front: Front, stored_doc: str, path: str) -> None:
+    body = json.dumps({"keys": [stored_doc], "docs": [{"id": stored_doc}], "selector": {},
+                       "name": "x", "password": "y", "source": front.db, "target": "x"})
+    answer = front.client.request("POST", path.format(db=front.db), body)
+    assert answer.status in (401, 403), answer
+    assert stored_doc.encode() not in answer.body
+
+
+@pytest.mark.parametrize("case", ["agent_id", "rev_overwrite", "deleted", "attachments", "design",
+                                  "design_bulk", "update"])
+def test_public_writes_only_create_their_own_ids(front: Front, couch: CouchDB, stored_doc: str,
+                                                  case: str) -> None:
+    attachment = {"a.txt": {"content_type": "text/plain",
+                            "data": base64.b64encode(b"hi").decode()}}
+    fresh = f"app.{case}.{secrets.token_hex(4)}"
+    targets: dict[str, tuple[str, dict[str, object], str]] = {
+        "agent_id": ("", {"_id": f"app:1.2.abc:{secrets.token_hex(6)}", "msg": "x"}, ""),
+        "rev_overwrite": ("/_bulk_docs", {"new_edits": False, "docs": [
+            {"_id": stored_doc, "_rev": "1-" + "f" * 32, "msg": "overwritten"}]}, stored_doc),
+        "deleted": ("", {"_id": fresh, "_deleted": True}, ""),
+        "attachments": ("", {"_id": fresh, "_attachments": attachment}, ""),
+        "design": ("", {"_id": "_design/evil", "views": {}}, ""),
+        "design_bulk": ("/_bulk_docs", {"docs": [{"_id": "_design/evil", "views": {}}]}, ""),
+        "update": ("/_bulk_docs", {"docs": [{"_id": stored_doc, "msg": "overwritten"}]}, stored_doc),
+    }
+    suffix, payload, existing = targets[case]
+    before = couch.request("GET", f"/{front.db}/{existing}?conflicts=true")[1] if existing else None
+    answer = front.client.request("POST", f"/{front.db}{suffix}", json.dumps(payload))
+    if 200 <= answer.status < 300:
+        rows = answer.json()
+        assert isinstance(rows, list), answer
+        # A refused document comes back with its error (CouchDB may list nothing for a
+        # `new_edits: false` write); what was stored is checked below either way.
+        assert all(row.get("error") in ("forbidden", "unauthorized", "conflict")
+                   for row in rows), answer
+    else:
+        assert answer.status in (400, 401, 403), answer
+    if existing:
+        after = couch.request("GET", f"/{front.db}/{existing}?conflicts=true")[1]
+        assert after == before
+    else:
+        docs = payload.get("docs", [payload])
+        assert isinstance(docs, list)
+        for doc in docs:
+            assert couch.request("GET", f"/{front.db}/{doc['_id']}")[0] == 404
+
+
+def test_reader_get_works(front: Front, stored_doc: str) -> None:
+    doc = front.client.request("GET", f"/{front.db}/{stored_doc}", auth=creds(front.reader))
+    assert doc.status == 200 and doc.json()["msg"] == "a"
+    rows = front.client.request("GET", f"/{front.db}/_all_docs", auth=creds(front.reader))
+    assert rows.status == 200 and stored_doc in {row["id"] for row in rows.json()["rows"]}
+    posted = front.client.request("POST", f"/{front.db}/_all_docs", json.dumps({"keys": [stored_doc]}),
+                                  auth=creds(front.reader))
+    assert posted.status == 200 and posted.json()["rows"][0]["id"] == stored_doc
+
+
+def test_reader_cannot_write(front: Front) -> None:
+    answer = front.client.request("POST", f"/{front.db}", json.dumps({"_id": "app.reader", "msg": "r"}),
+                                  auth=creds(front.reader))
+    assert answer.status in (401, 403), answer
+
+
+def test_http_redirects_to_https(front: Front) -> None:
+    answer = front.client.request("GET", f"/{front.db}/_all_docs?x=1", https=False,
+                                  port=front.http_port)
+    assert answer.status == 301
+    assert answer.headers["location"].endswith(f":{front.https_port}/{front.db}/_all_docs?x=1")
+    assert answer.headers["location"].startswith("https://")
+
+
+def test_oversized_body_gets_413(front: Front, couch: CouchDB) -> None:
+    big = json.dumps({"_id": "app.big", "msg": "x" * (2 * 1024 * 1024)})
+    answer = front.client.request("POST", f"/{front.db}", big)
+    assert answer.status == 413
+    assert couch.request("GET", f"/{front.db}/app.big")[0] == 404
+
+
+def test_dashboard_asks_for_a_login_and_serves_the_attachment(front: Front, couch: CouchDB) -> None:
+    page = b"<html>couchlog dashboard</html>"
+    status, current = couch.request("GET", "/couchlog_dashboard/_design/dashboard")
+    doc = {"_attachments": {"index.html": {"content_type": "text/html",
+                                           "data": base64.b64encode(page).decode()}}}
+    if status == 200:
+        doc["_rev"] = current["_rev"]
+    assert couch.request("PUT", "/couchlog_dashboard/_design/dashboard", doc)[0] == 201
+    anonymous = front.client.request("GET", "/dashboard/index.html")
+    assert anonymous.status == 401
+    assert anonymous.headers.get("www-authenticate") == 'Basic realm="couchlog"'
+    read = front.client.request("GET", "/dashboard/index.html", auth=creds(front.reader))
+    assert read.status == 200 and read.body == page
+
+
+def test_agent_run_ships_through_the_front_over_tls(front: Front, couch: CouchDB,
+                                                     couchdb_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    lines = [f"line {i} from the agent" for i in range(300)] + ["line 0 from the agent"]
+    pipeline = Pipeline(tmp_path, couch, f"https://127.0.0.1:{front.https_port}", front.db,
+                        [{"name": "tls", "paths": [str(log)]}],
+                        couchdb={"ca_file": str(front.ca), "username": front.agent.name,
+                                 "password": front.agent.password})
+    before = Counter(str(doc["msg"]) for doc in couch.docs(front.db) if "msg" in doc)
+    log.write_text("".join(line + "\n" for line in lines))
+    pipeline.start()
+    try:
+        expected = before + Counter(lines)
+        pipeline.wait_for(expected)
+    finally:
+        pipeline.stop()
+
+
+def test_agent_send_through_the_front_anonymously_stores_once(front: Front, couch: CouchDB,
+                                                              tmp_path: Path) -> None:
+    data = tmp_path / "app.jsonl"
+    data.write_text("".join(json.dumps({"msg": f"sent {i}"}) + "\n" for i in range(50)))
+    args = ("send", "--url", f"https://127.0.0.1:{front.https_port}", "--ca-file", str(front.ca),
+            "--db", front.db, str(data))
+    first = run_agent(*args)
+    assert first.returncode == 0, first.stderr
+    second = run_agent(*args)
+    assert second.returncode == 0 and "0 stored, 50 already stored" in second.stderr, second.stderr
+    sent = Counter(str(doc["msg"]) for doc in couch.docs(front.db)
+                   if str(doc.get("msg", "")).startswith("sent "))
+    assert sent == Counter(f"sent {i}" for i in range(50))
