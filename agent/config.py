@@ -105,6 +105,7 @@ class SourceConfig:
     rotate_wait: float = 5.0
     encoding: str = "utf-8"
     multiline: MultilineConfig | None = None
+    follow_symlinks: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,12 @@ def _string(value: Any) -> str:
     if not text:
         raise ValueError("expected a non-empty string")
     return text
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
 
 
 def _positive_int(value: Any) -> int:
@@ -369,6 +376,8 @@ SOURCE_KEYS: tuple[Key, ...] = (
         "if no line follows"),
     Key("multiline.max_bytes", _size, 1024**2, "longer events are truncated, marked and "
         "counted", shown="1MiB"),
+    Key("follow_symlinks", _bool, False, "follow symlinks whose target is a regular file; "
+        "otherwise every symlink is skipped (and logged once)", shown="false"),
 )
 
 
@@ -565,7 +574,7 @@ def source_from_mapping(file: Path | str, data: Mapping[str, Any], problems: lis
         metadata_key=src["metadata_key"], max_line_bytes=src["max_line_bytes"],
         exclude_paths=_absolute(src["exclude_paths"], base, keep_relative=True),
         start_at=src["start_at"], watch=src["watch"], rotate_wait=src["rotate_wait"],
-        encoding=src["encoding"], multiline=multiline,
+        encoding=src["encoding"], multiline=multiline, follow_symlinks=src["follow_symlinks"],
     )
 
 
