@@ -153,6 +153,8 @@ class Tailer:
         """`call(*args)` in a thread. A cancelled `to_thread` keeps running, so the call is
         remembered until it returns: the descriptor it uses is closed only after that."""
         work = asyncio.ensure_future(asyncio.to_thread(call, *args))
+        # Its error is the caller's to see; once the caller is cancelled, nobody's.
+        work.add_done_callback(_retrieve)
         self._in_flight = work
         result: T = await asyncio.shield(work)
         return result
@@ -193,12 +195,13 @@ class Tailer:
 
     async def _follow(self) -> None:
         last_growth = time.monotonic()
-        changed = False
-        """A read found the bytes before its position changed: the file was rewritten."""
+        changed = False  # a read found the bytes before its position changed: rewritten
         while True:
             woken = await self._wait()
             st, marker_ok = await self._blocking(self._observe)
             self.seen_size = st.st_size
+            if self.file is None:
+                await self._identify(st)
             position = self.splitter.position if self.file is not None else st.st_size
             before = self.state
             self.state, action = reconcile(before, Seen(
@@ -211,7 +214,9 @@ class Tailer:
                 return
             if action is Action.RESTART:
                 await self._truncated(st.st_size)
-            if self.file is None and not await self._identify(st):
+                self._wake.set()
+                continue
+            if self.file is None:
                 continue
             grew = await self._read_to_end()
             if grew is None:
@@ -270,15 +275,16 @@ class Tailer:
     def _idle(self, last_growth: float) -> bool:
         return time.monotonic() - last_growth >= self.source.rotate_wait
 
-    async def _identify(self, st: os.stat_result) -> bool:
+    async def _identify(self, st: os.stat_result) -> None:
+        """Claim offsets for the file once its first line is complete (else try again later)."""
         fingerprint = await self._blocking(read_fingerprint, self.fd)
         if fingerprint is None:
-            return False
+            return
         claim = await self.owner.claim(self, SourceFile(self.source.name,
                                                         FileId(st.st_dev, st.st_ino, fingerprint)),
                                        st.st_size)
         if claim is None:
-            return False
+            return
         self.at_first_start = False
         self.file, offset = claim
         self.splitter = splitter_for(self.source.encoding, self.source.max_line_bytes, offset)
@@ -286,7 +292,6 @@ class Tailer:
                                             max(0, offset - MARKER_BYTES))
         self.log = self.log.bind(file_id=str(self.file.file_id))
         self.log.info("file_opened", offset=offset, size=st.st_size)
-        return True
 
     async def marker_matches(self, offset: int, expected: str | None) -> bool:
         """Whether the bytes before `offset` in this file hash to `expected`."""
@@ -540,10 +545,9 @@ class TailerSet:
     async def recover(self) -> None:
         """Follow the files the offsets know that were renamed out of every glob while the
         agent was stopped with lines still unread: each is looked for in its last folder by
-        device and inode (the tailer checks the fingerprint and the marker), read to its end,
-        then released. Call after the first scan."""
-        known = {(f.source, f.file_id.dev, f.file_id.ino): p for f, p in self.offsets.files.items()
-                 if f.source in self.sources}
+        device, inode and fingerprint, read to its end, then released. Call after the first
+        scan, so that the files still in the globs are followed as usual."""
+        known = [(f, p) for f, p in self.offsets.files.items() if f.source in self.sources]
         unfinished = await asyncio.to_thread(_find_unfinished, known, set(self.live))
         for item in unfinished:
             if (item.source, item.dev, item.ino) not in self.live:
@@ -571,16 +575,17 @@ class TailerSet:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-def _find_unfinished(known: dict[tuple[str, int, int], FileProgress],
+def _find_unfinished(known: Iterable[tuple[SourceFile, FileProgress]],
                      live: set[tuple[str, int, int]]) -> list[Found]:
-    """The known files, not followed now, found in their last folder with more bytes than
-    their committed offset. Blocking."""
-    wanted: dict[str, dict[tuple[int, int], list[tuple[str, FileProgress]]]] = {}
-    for (source, dev, ino), progress in known.items():
-        if (source, dev, ino) not in live:
+    """The known files not followed now, found in their last folder (same device, inode and
+    fingerprint) with more bytes than were committed. Blocking."""
+    wanted: dict[str, dict[tuple[int, int], list[tuple[SourceFile, FileProgress]]]] = {}
+    for file, progress in known:
+        fid = file.file_id
+        if (file.source, fid.dev, fid.ino) not in live:
             wanted.setdefault(os.path.dirname(progress.path), {}).setdefault(
-                (dev, ino), []).append((source, progress))
-    found = []
+                (fid.dev, fid.ino), []).append((file, progress))
+    found: dict[tuple[str, int, int], Found] = {}
     for folder, files in wanted.items():
         try:
             entries = list(os.scandir(folder))
@@ -589,12 +594,29 @@ def _find_unfinished(known: dict[tuple[str, int, int], FileProgress],
         for entry in entries:
             try:
                 st = entry.stat(follow_symlinks=False)
+                candidates = [(f, p) for f, p in files.get((st.st_dev, st.st_ino), ())
+                              if p.committed < st.st_size]
+                if not candidates or not entry.is_file(follow_symlinks=False):
+                    continue
+                fd, _ = open_regular(entry.path, follow_symlinks=False)
+            except (OSError, NotFollowable):
+                continue
+            try:
+                head = read_fingerprint(fd)
             except OSError:
                 continue
-            for source, progress in files.get((st.st_dev, st.st_ino), ()):
-                if entry.is_file(follow_symlinks=False) and st.st_size > progress.committed:
-                    found.append(Found(source, entry.path, st.st_dev, st.st_ino, st.st_size))
-    return found
+            finally:
+                os.close(fd)
+            for file, _progress in candidates:
+                if file.file_id.fingerprint == head:
+                    found[(file.source, st.st_dev, st.st_ino)] = Found(
+                        file.source, entry.path, st.st_dev, st.st_ino, st.st_size)
+    return list(found.values())
+
+
+def _retrieve(work: asyncio.Future[Any]) -> None:
+    if not work.cancelled():
+        work.exception()
 
 
 async def _first_of(wanted: asyncio.Event, other: asyncio.Event) -> bool:

@@ -55,15 +55,22 @@ def scan(sources: Sequence[SourceConfig],
     own files) is ever followed. Blocking."""
     found, skipped = [], []
     own = os.path.realpath(state_dir) if state_dir is not None else None
+    links: dict[str, bool] = {}
     for source in sources:
-        paths = sorted({p for pattern in source.paths for p in glob.glob(pattern, recursive=True)})
-        for path in paths:
+        bases: dict[str, str] = {}
+        for pattern in source.paths:
+            for p in glob.glob(pattern, recursive=True):
+                bases.setdefault(p, _fixed_folder(pattern))
+        for path in sorted(bases):
             if excluded(path, source.exclude_paths):
                 continue
             try:
                 st, reason = _followable(path, source.follow_symlinks)
             except OSError:
                 continue
+            if reason is None and not source.follow_symlinks and \
+                    _through_symlink(path, bases[path], links):
+                reason = "in a folder reached through a symlink (follow_symlinks is false)"
             if reason is None and own is not None and _inside(os.path.realpath(path), own):
                 reason = "inside the agent's state_dir"
             if reason is None:
@@ -89,6 +96,30 @@ def _followable(path: str, follow_symlinks: bool) -> tuple[os.stat_result, str |
     if not stat.S_ISREG(st.st_mode):
         return st, file_kind(st.st_mode)
     return st, None
+
+
+def _fixed_folder(pattern: str) -> str:
+    """The folder a glob names before its first wildcard (its user chose it, symlinks and all)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))
+    return str(Path(*parts[: min(fixed, len(parts) - 1)])) if len(parts) > 1 else "."
+
+
+def _through_symlink(path: str, base: str, links: dict[str, bool]) -> bool:
+    """Whether a folder between `base` and the file at `path` is a symlink (`**` and `*/`
+    follow them); `links` remembers each folder's answer for the rest of the scan."""
+    folder = os.path.dirname(path)
+    rel = os.path.relpath(folder, base)
+    if rel == "." or rel.startswith(".."):
+        return False
+    current = base
+    for part in rel.split(os.sep):
+        current = os.path.join(current, part)
+        if current not in links:
+            links[current] = os.path.islink(current)
+        if links[current]:
+            return True
+    return False
 
 
 def _inside(path: str, folder: str) -> bool:

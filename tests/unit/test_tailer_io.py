@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from agent.config import Problem, SourceConfig, source_from_mapping
-from agent.offsets import OffsetStore
-from agent.tailer import Found, Tailer, TailerSet
-from agent.types import Lines, SourceFile
+from agent.identity import read_fingerprint
+from agent.offsets import FileProgress, OffsetStore
+from agent.tailer import Found, Tailer, TailerSet, _find_unfinished
+from agent.types import Checkpoint, FileId, Lines, SourceFile
 from agent.watcher import scan
 
 
@@ -39,6 +40,30 @@ def test_scan_never_follows_a_file_in_the_state_dir(tmp_path: Path) -> None:
         reasons = {Path(s.path).relative_to(tmp_path).as_posix(): s.reason for s in skipped}
         assert reasons["state/offsets.json"] == "inside the agent's state_dir"
         assert reasons["state/spool/000001.seg"] == "inside the agent's state_dir"
+
+
+def test_scan_skips_files_reached_through_a_symlinked_folder(tmp_path: Path) -> None:
+    """Issue 9 item 1: `ln -s /root logs/dir` with `logs/**/*.log` shipped root's logs."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "private.log").write_text("password\n")
+    logs = tmp_path / "logs"
+    (logs / "app").mkdir(parents=True)
+    (logs / "app" / "app.log").write_text("line\n")
+    (logs / "linked").symlink_to(secret)
+    pattern = str(logs / "**" / "*.log")
+    found, skipped = scan([source(paths=[pattern])])
+    assert [f.path for f in found] == [str(logs / "app" / "app.log")]
+    assert [(s.path, s.reason) for s in skipped] == [
+        (str(logs / "linked" / "private.log"),
+         "in a folder reached through a symlink (follow_symlinks is false)")]
+    found, skipped = scan([source(paths=[pattern], follow_symlinks=True)])
+    assert sorted(f.path for f in found) == [str(logs / "app" / "app.log"),
+                                             str(logs / "linked" / "private.log")]
+    # A symlink in the folder the glob names is the user's own choice.
+    (tmp_path / "logs-link").symlink_to(logs)
+    found, _ = scan([source(paths=[str(tmp_path / "logs-link" / "app" / "*.log")])])
+    assert [f.path for f in found] == [str(tmp_path / "logs-link" / "app" / "app.log")]
 
 
 async def test_stopping_waits_for_a_read_in_flight(tmp_path: Path,
@@ -84,3 +109,30 @@ async def test_stopping_waits_for_a_read_in_flight(tmp_path: Path,
     assert await asyncio.to_thread(finished.wait, 30)
     assert seen == ["descriptor open"]
     assert not tailers.live and not tailers.tasks
+
+
+def test_unfinished_files_are_found_by_inode_and_fingerprint_in_their_last_folder(
+        tmp_path: Path) -> None:
+    rotated = tmp_path / "app.log.1"
+    rotated.write_bytes(b"first line\nsecond line\n")
+    reused = tmp_path / "other.log.1"
+    reused.write_bytes(b"another file on a reused inode\n")
+    entries = []
+    for path, committed in ((rotated, 11), (reused, 5)):
+        st = path.stat()
+        fd = os.open(path, os.O_RDONLY)
+        head = read_fingerprint(fd)
+        os.close(fd)
+        assert head is not None
+        # The state knew `reused`'s inode with another first line.
+        fingerprint = head if path == rotated else "0" * 16
+        entries.append((SourceFile("s", FileId(st.st_dev, st.st_ino, fingerprint)),
+                        FileProgress(str(tmp_path / "app.log"), Checkpoint.at(committed, None),
+                                     0.0)))
+    st = rotated.stat()
+    assert _find_unfinished(entries, set()) == [
+        Found("s", str(rotated), st.st_dev, st.st_ino, st.st_size)]
+    # Already followed (found in the globs), or read to its end: nothing to recover.
+    assert _find_unfinished(entries, {("s", st.st_dev, st.st_ino)}) == []
+    done = [(f, FileProgress(p.path, Checkpoint.at(st.st_size, None), 0.0)) for f, p in entries]
+    assert _find_unfinished(done, set()) == []
