@@ -48,7 +48,8 @@ class FileProgress:
     the spool: where to read again from if the spool is lost."""
     pending: deque[int] = field(default_factory=deque)
     acked: set[int] = field(default_factory=set)
-    marks: deque[tuple[int, str]] = field(default_factory=deque)
+    marks: deque[Checkpoint] = field(default_factory=deque)
+    """Read positions reported with their markers, not yet all acknowledged."""
     live: bool = False
     read: Checkpoint = FILE_START
     """Where the last reader stopped, and the marker there (not saved): lets a copy of the file
@@ -117,7 +118,7 @@ class OffsetStore:
         and the bytes before it hash to `read_to_marker`."""
         progress = self.files[file]
         progress.pending.extend(doc_ends)
-        progress.marks.append((read_to, read_to_marker))
+        progress.marks.append(Checkpoint.at(read_to, read_to_marker))
         last = progress.pending[-1] if progress.pending else progress.committed
         if read_to > last:
             progress.pending.append(read_to)
@@ -184,11 +185,10 @@ class OffsetStore:
             committed = pending.popleft()
             acked.discard(committed)
         if committed is not None:
-            marks = progress.marks
-            marker_offset, marker = progress.checkpoint.marker_offset, progress.checkpoint.marker
-            while marks and marks[0][0] <= committed:
-                marker_offset, marker = marks.popleft()
-            progress.checkpoint = Checkpoint(committed, marker_offset, marker)
+            marks, marked = progress.marks, progress.checkpoint
+            while marks and marks[0].offset <= committed:
+                marked = marks.popleft()
+            progress.checkpoint = Checkpoint(committed, marked.marker_offset, marked.marker)
             progress.updated = time.time()
             self.dirty = True
 

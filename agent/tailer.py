@@ -510,14 +510,14 @@ class TailerSet:
         committed one, or where its reader is (or stopped). The offset must lie past the
         fingerprinted first line, so that files that merely start with the same banner are
         never taken for copies."""
-        read = owner.reference() if owner is not None else original.read
-        references = [(original.checkpoint.marker_offset, original.checkpoint.marker),
-                      (read.marker_offset, read.marker)]
-        for offset, expected in references:
-            if expected is not None and MIN_COPY_OFFSET <= offset <= size and \
-                    await tailer.marker_matches(offset, expected):
+        references = (original.checkpoint,
+                      owner.reference() if owner is not None else original.read)
+        for point in references:
+            if point.marker is not None and MIN_COPY_OFFSET <= point.marker_offset <= size and \
+                    await tailer.marker_matches(point.marker_offset, point.marker):
                 return True
-        tailer.log.debug("not_a_copy", original=original.path, references=references, size=size,
+        tailer.log.debug("not_a_copy", original=original.path,
+                         references=[tuple(point) for point in references], size=size,
                          owner_live=owner is not None)
         return False
 
