@@ -1,12 +1,16 @@
 """Following files: one `Tailer` per open file, and the `TailerSet` that keeps them by identity.
 
-A tailer owns one file descriptor. Woken by an inotify hint, a poll or a
-rescan, it checks the file (fstat, and the marker of the bytes before its
-read position), reads whatever was appended in chunks off the event loop,
-frames complete lines (and multi-line events) and hands them on in file
-order. It reads from the file it opened, not from the name, so a renamed
-(rotated) file is read to its end; a file that leaves every glob, or is
-deleted, is read to its end and then closed, so its disk space is freed.
+A tailer owns one file descriptor, opened off the event loop and only if it
+is a regular file (`identity.open_regular`). Woken by an inotify hint, a poll
+or a rescan, it observes the file (fstat, and whether the bytes before its
+read position are still the ones read) and lets `follow.reconcile` decide
+what that means: read on, read again from 0 (truncated), or release. It
+reads whatever was appended in chunks off the event loop, frames complete
+lines (and multi-line events) and hands them on in file order. It reads from
+the file it opened, not from the name, so a renamed (rotated) file is read to
+its end; a file that leaves every glob, or is deleted, is read to its end and
+then closed, so its disk space is freed. Its descriptor is closed only once
+no read in a thread can still be using it.
 
 Tailers are keyed by (source, device, inode), never by path: a known file
 seen under a new name is the same file renamed. When a tailer learns its
@@ -22,6 +26,10 @@ file's identity it claims offsets from the `OffsetStore` (`TailerSet.claim`):
   once the original is let go, so nothing already read is sent again;
 - otherwise it is a new file: read from its start, or from its end for files
   found at the first start when the source says `start_at: end`.
+
+At start, files the offsets know that were renamed out of every glob while
+the agent was stopped, with lines still unread, are found in their last
+folder and read to their end (`TailerSet.recover`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.follow import (
     TRANSITIONS,
@@ -85,3 +87,19 @@ def test_every_state_but_released_has_a_way_out() -> None:
 def test_an_observation_is_validated() -> None:
     with pytest.raises(ValueError):
         seen(size=-1)
+
+
+@given(st.sampled_from([S.ACTIVE, S.ROTATED_DRAINING]),
+       st.builds(Seen, st.integers(0, 300), st.integers(0, 2), st.integers(0, 300), st.booleans(),
+                 st.booleans(), st.booleans()))
+def test_any_observation_of_a_named_file_has_one_meaning(state: FollowState, seen: Seen) -> None:
+    after, action = reconcile(state, seen)
+    truncated = seen.size < seen.position or not seen.marker_ok
+    unread = seen.size > seen.position
+    assert (action is Action.RESTART) == truncated
+    assert (after is S.RELEASED) == (action is Action.RELEASE)
+    if action is Action.RELEASE:
+        # Never released with bytes still unread, nor while the globs still match it.
+        assert not unread and (seen.nlink == 0 or (not seen.listed and seen.idle))
+    if not truncated and seen.nlink > 0:
+        assert (after is S.ACTIVE) == seen.listed or after is S.RELEASED
