@@ -142,6 +142,7 @@ class Tailer:
     def relist(self) -> None:
         """The last scan found the file at a path the globs match."""
         self.listed = True
+        self.recovered = False
         self.unlisted.clear()
         self._wake.set()
 
