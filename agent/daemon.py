@@ -131,8 +131,10 @@ class Agent:
         self._tailers = TailerSet(self._group_task, cfg.sources,
                                   {s.name: self._sink(s) for s in cfg.sources}, self.offsets,
                                   start_at)
-        watcher = Watcher(cfg.sources, self._tailers, cfg.scan_interval, cfg.poll_interval)
+        watcher = Watcher(cfg.sources, self._tailers, cfg.scan_interval, cfg.poll_interval,
+                          cfg.state_dir)
         await watcher.start()
+        await self._tailers.recover()
         self._watcher = watcher
         self._spawn("watcher", watcher.run())
         self.started = True

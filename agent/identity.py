@@ -16,11 +16,63 @@ whether a file with another inode is a copy of one already read.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 
 FINGERPRINT_BYTES = 1024
 MARKER_BYTES = 128
+OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+"""How a followed file is opened. O_NONBLOCK: opening a FIFO for reading otherwise waits for
+a writer, forever; on a regular file it changes nothing, so it is kept. O_NOCTTY: a terminal
+device never becomes the agent's controlling terminal."""
+
+
+class NotFollowable(Exception):
+    """What a path names is not a regular file the source may follow; `reason` says what."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, as a skip reason says it."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "unknown file type"
+
+
+def open_regular(path: str, follow_symlinks: bool) -> tuple[int, os.stat_result]:
+    """Open `path` for reading if it is a regular file (checked on the opened descriptor, so a
+    FIFO or a symlink renamed over the path after a scan is never read); with
+    `follow_symlinks`, a symlink to a regular file is one. Raises NotFollowable or OSError.
+    Blocking (on a hung NFS mount, for as long as the mount hangs)."""
+    try:
+        fd = os.open(path, OPEN_FLAGS | (0 if follow_symlinks else os.O_NOFOLLOW))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotFollowable("symlink loop" if follow_symlinks else "symlink") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFollowable(file_kind(st.st_mode))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
 
 def fingerprint(head: bytes) -> str | None:

@@ -29,7 +29,7 @@ import orjson
 import structlog
 
 from agent import durable
-from agent.types import Ack, Document, SourceFile
+from agent.types import FILE_START, Ack, Checkpoint, Document, SourceFile
 
 STATE_VERSION = 1
 StateStatus = Literal["ok", "absent", "corrupt"]
@@ -38,29 +38,27 @@ log = structlog.get_logger("agent.offsets")
 
 @dataclass(slots=True)
 class FileProgress:
-    """One file's committed offset and its documents still waiting for an ack.
-
-    `marker` is the hash of the bytes before `marker_offset` (<= `committed`):
-    the latest read position whose bytes the tailer reported and whose lines
-    are all acknowledged.
-    """
+    """One file's committed checkpoint and its documents still waiting for an ack."""
 
     path: str
-    committed: int
+    checkpoint: Checkpoint
+    """Committed: every line before `checkpoint.offset` is acknowledged."""
     updated: float
-    marker_offset: int = 0
-    marker: str | None = None
-    delivered: tuple[int, int, str | None] | None = None
-    """(committed, marker_offset, marker) when all the file's documents up to there were in
-    CouchDB, not only in the spool: where to read again from if the spool is lost."""
+    delivered: Checkpoint | None = None
+    """The checkpoint when all the file's documents up to there were in CouchDB, not only in
+    the spool: where to read again from if the spool is lost."""
     pending: deque[int] = field(default_factory=deque)
     acked: set[int] = field(default_factory=set)
-    marks: deque[tuple[int, str]] = field(default_factory=deque)
+    marks: deque[Checkpoint] = field(default_factory=deque)
+    """Read positions reported with their markers, not yet all acknowledged."""
     live: bool = False
-    read_offset: int = 0
-    read_marker: str | None = None
+    read: Checkpoint = FILE_START
     """Where the last reader stopped, and the marker there (not saved): lets a copy of the file
     made before it was truncated be recognized even when acks lag behind reading."""
+
+    @property
+    def committed(self) -> int:
+        return self.checkpoint.offset
 
 
 class OffsetStore:
@@ -87,33 +85,33 @@ class OffsetStore:
                 if f.source == file.source and f.file_id.dev == fid.dev
                 and f.file_id.fingerprint == fid.fingerprint and f.file_id.ino != fid.ino]
 
-    def attach(self, file: SourceFile, path: str, offset: int, marker: str | None) -> None:
-        """A tailer starts reading `file` at `offset`, whose marker it has checked."""
+    def attach(self, file: SourceFile, path: str, start: Checkpoint) -> None:
+        """A tailer starts reading `file` at `start`, whose marker it has checked.
+
+        Older generations of the same file are kept until `prune`: a copy of the file made
+        before it was rewritten (copy-truncate) continues one of them, and may claim it only
+        after the original was read again under the new generation."""
         progress = self.files.get(file)
-        if progress is None or progress.committed != offset or progress.path != path:
+        if progress is None or progress.committed != start.offset or progress.path != path:
             self.dirty = True
-        new = FileProgress(path, offset, time.time(), offset, marker, live=True,
+        new = FileProgress(path, start, time.time(), live=True,
                            delivered=progress.delivered if progress is not None else None)
-        if new.delivered is not None and new.delivered[0] > offset:
+        if new.delivered is not None and new.delivered.offset > start.offset:
             new.delivered = None
         if progress is not None:
             # Acks still in flight from an earlier reader of these bytes (a copy's original)
             # count: the same offset in the same file id is the same document.
             new.acked = progress.acked
         self.files[file] = new
-        for older in [f for f in self.files if f.source == file.source
-                      and f.file_id.same_file(file.file_id)
-                      and f.file_id.generation < file.file_id.generation]:
-            del self.files[older]
 
-    def detach(self, file: SourceFile, read_offset: int, read_marker: str | None) -> None:
-        """The tailer let go of the file, having read up to `read_offset`; the entry stays
-        until `prune`."""
+    def detach(self, file: SourceFile, read: Checkpoint) -> None:
+        """The tailer let go of the file, having read up to `read`; the entry stays until
+        `prune`."""
         progress = self.files.get(file)
         if progress is not None:
             progress.live = False
             progress.updated = time.time()
-            progress.read_offset, progress.read_marker = read_offset, read_marker
+            progress.read = read
 
     def expect(self, file: SourceFile, doc_ends: Sequence[int], read_to: int,
                read_to_marker: str) -> None:
@@ -121,7 +119,7 @@ class OffsetStore:
         and the bytes before it hash to `read_to_marker`."""
         progress = self.files[file]
         progress.pending.extend(doc_ends)
-        progress.marks.append((read_to, read_to_marker))
+        progress.marks.append(Checkpoint.at(read_to, read_to_marker))
         last = progress.pending[-1] if progress.pending else progress.committed
         if read_to > last:
             progress.pending.append(read_to)
@@ -148,11 +146,9 @@ class OffsetStore:
         """The spool of these sources' database is empty: everything committed is in CouchDB."""
         names = set(sources)
         for file, p in self.files.items():
-            if file.source in names:
-                mark = (p.committed, p.marker_offset, p.marker)
-                if p.delivered != mark:
-                    p.delivered = mark
-                    self.dirty = True
+            if file.source in names and p.delivered != p.checkpoint:
+                p.delivered = p.checkpoint
+                self.dirty = True
 
     def rewind(self, sources: Iterable[str]) -> list[SourceFile]:
         """The spool of these sources' database lost documents: read every file again from
@@ -160,11 +156,11 @@ class OffsetStore:
         names = set(sources)
         moved = []
         for file, p in self.files.items():
-            if file.source in names and p.delivered is not None and p.delivered[0] < p.committed:
-                p.committed, p.marker_offset, p.marker = p.delivered
+            if file.source in names and p.delivered is not None and p.delivered.offset < p.committed:
+                p.checkpoint = p.delivered
                 moved.append(file)
             elif file.source in names and p.delivered is None and p.committed > 0:
-                p.committed, p.marker_offset, p.marker = 0, 0, None
+                p.checkpoint = FILE_START
                 moved.append(file)
         if moved:
             self.dirty = True
@@ -185,16 +181,15 @@ class OffsetStore:
 
     def _advance(self, progress: FileProgress) -> None:
         pending, acked = progress.pending, progress.acked
-        moved = False
+        committed = None
         while pending and pending[0] in acked:
-            end = pending.popleft()
-            acked.discard(end)
-            progress.committed = end
-            moved = True
-        if moved:
-            marks = progress.marks
-            while marks and marks[0][0] <= progress.committed:
-                progress.marker_offset, progress.marker = marks.popleft()
+            committed = pending.popleft()
+            acked.discard(committed)
+        if committed is not None:
+            marks, marked = progress.marks, progress.checkpoint
+            while marks and marks[0].offset <= committed:
+                marked = marks.popleft()
+            progress.checkpoint = Checkpoint(committed, marked.marker_offset, marked.marker)
             progress.updated = time.time()
             self.dirty = True
 
@@ -205,8 +200,8 @@ class OffsetStore:
             "version": STATE_VERSION,
             "files": {
                 str(f): {"path": p.path, "offset": p.committed, "updated": round(p.updated, 3),
-                         "marker_offset": p.marker_offset, "marker": p.marker,
-                         "delivered": p.delivered}
+                         "marker_offset": p.checkpoint.marker_offset, "marker": p.checkpoint.marker,
+                         "delivered": None if p.delivered is None else list(p.delivered)}
                 for f, p in self.files.items()
             },
         }
@@ -263,18 +258,13 @@ class StateFile:
 
 
 def _progress(entry: dict[str, Any]) -> FileProgress:
-    marker = entry["marker"]
-    if marker is not None and not isinstance(marker, str):
-        raise ValueError(f"invalid marker {marker!r}")
-    progress = FileProgress(str(entry["path"]), int(entry["offset"]), float(entry["updated"]),
-                            int(entry["marker_offset"]), marker)
+    checkpoint = Checkpoint(int(entry["offset"]), int(entry["marker_offset"]),
+                            entry["marker"]).check()
+    progress = FileProgress(str(entry["path"]), checkpoint, float(entry["updated"]))
     delivered = entry["delivered"]
     if delivered is not None:
-        offset, marker_offset, delivered_marker = delivered
-        if not (isinstance(delivered_marker, str | None) and 0 <= int(marker_offset) <= int(offset)
-                <= progress.committed):
+        offset, marker_offset, marker = delivered
+        progress.delivered = Checkpoint(int(offset), int(marker_offset), marker).check()
+        if progress.delivered.offset > checkpoint.offset:
             raise ValueError(f"invalid delivered offsets {delivered!r}")
-        progress.delivered = (int(offset), int(marker_offset), delivered_marker)
-    if not 0 <= progress.marker_offset <= progress.committed:
-        raise ValueError(f"invalid offsets {progress.marker_offset}/{progress.committed}")
     return progress

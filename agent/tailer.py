@@ -1,12 +1,16 @@
 """Following files: one `Tailer` per open file, and the `TailerSet` that keeps them by identity.
 
-A tailer owns one file descriptor. Woken by an inotify hint, a poll or a
-rescan, it checks the file (fstat, and the marker of the bytes before its
-read position), reads whatever was appended in chunks off the event loop,
-frames complete lines (and multi-line events) and hands them on in file
-order. It reads from the file it opened, not from the name, so a renamed
-(rotated) file is read to its end; a file that leaves every glob, or is
-deleted, is read to its end and then closed, so its disk space is freed.
+A tailer owns one file descriptor, opened off the event loop and only if it
+is a regular file (`identity.open_regular`). Woken by an inotify hint, a poll
+or a rescan, it observes the file (fstat, and whether the bytes before its
+read position are still the ones read) and lets `follow.reconcile` decide
+what that means: read on, read again from 0 (truncated), or release. It
+reads whatever was appended in chunks off the event loop, frames complete
+lines (and multi-line events) and hands them on in file order. It reads from
+the file it opened, not from the name, so a renamed (rotated) file is read to
+its end; a file that leaves every glob, or is deleted, is read to its end and
+then closed, so its disk space is freed. Its descriptor is closed only once
+no read in a thread can still be using it.
 
 Tailers are keyed by (source, device, inode), never by path: a known file
 seen under a new name is the same file renamed. When a tailer learns its
@@ -22,6 +26,10 @@ file's identity it claims offsets from the `OffsetStore` (`TailerSet.claim`):
   once the original is let go, so nothing already read is sent again;
 - otherwise it is a new file: read from its start, or from its end for files
   found at the first start when the source says `start_at: end`.
+
+At start, files the offsets know that were renamed out of every glob while
+the agent was stopped, with lines still unread, are found in their last
+folder and read to their end (`TailerSet.recover`).
 """
 
 from __future__ import annotations
@@ -32,30 +40,37 @@ import os
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from agent.config import SourceConfig, StartAt
+from agent.follow import Action, FollowState, Seen, draining, reconcile
 from agent.identity import (
     FINGERPRINT_BYTES,
     MARKER_BYTES,
+    NotFollowable,
     fingerprint,
     last_line_end,
     marker,
+    open_regular,
     read_fingerprint,
     read_marker,
 )
 from agent.lines import splitter_for
 from agent.multiline import MultilineAssembler
 from agent.offsets import FileProgress, OffsetStore
-from agent.types import FileId, Lines, LineSink, SourceFile
+from agent.types import FILE_START, Checkpoint, FileId, Lines, LineSink, SourceFile
 
 READ_CHUNK = 256 * 1024
 MIN_COPY_OFFSET = FINGERPRINT_BYTES + MARKER_BYTES
+IN_FLIGHT_WAIT = 5.0
+"""Seconds a stopping tailer waits for a read still running in its thread (a hung NFS mount
+never returns); past that the descriptor is closed when the read returns, never before."""
 log = structlog.get_logger("agent.tailer")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,19 +84,37 @@ class Found:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A path a source's globs matched that is not followed, and why (a symlink, a FIFO...)."""
+
+    source: str
+    path: str
+    reason: str
+
+
 class Tailer:
-    def __init__(self, source: SourceConfig, path: str, fd: int, at_first_start: bool,
-                 owner: TailerSet) -> None:
+    def __init__(self, source: SourceConfig, path: str, key: tuple[str, int, int],
+                 at_first_start: bool, owner: TailerSet, listed: bool = True) -> None:
         self.source = source
         self.path = path
-        self.fd = fd
+        self.key = key
+        self.fd = -1
         self.at_first_start = at_first_start
         self.owner = owner
+        self.state = FollowState.ACTIVE
+        self.listed = listed
+        """Whether the last scan found the file at a path the source's globs match."""
+        self.recovered = not listed
+        """Found at start outside the globs, unfinished: read to its end and released at once."""
         self.file: SourceFile | None = None
+        """The offsets this tailer reads under; None until its first line is complete."""
         self.splitter = splitter_for(source.encoding, source.max_line_bytes)
         self.multiline = self._assembler()
-        self.unlinked = asyncio.Event()
-        """Set when the file is no longer at any path the source's globs match."""
+        self.unlisted = asyncio.Event()
+        """Set while `listed` is False: a copy waiting for its original gives up then."""
+        if not listed:
+            self.unlisted.set()
         self.released = asyncio.Event()
         """Set when this tailer stops owning its file's offsets (truncated, or done)."""
         self.seen_size = -1
@@ -89,6 +122,8 @@ class Tailer:
         """The last MARKER_BYTES read, ending at `splitter.position`."""
         self._wake = asyncio.Event()
         self._wake.set()
+        self._in_flight: asyncio.Future[Any] | None = None
+        """The blocking call running in a thread for this tailer, if any."""
         self.log = log.bind(source=source.name, path=path)
 
     def _assembler(self) -> MultilineAssembler | None:
@@ -99,9 +134,16 @@ class Tailer:
         self._wake.set()
 
     def unlink(self) -> None:
-        if not self.unlinked.is_set():
-            self.unlinked.set()
-            self.log.info("file_unlinked", action="reading it to its end, then releasing it")
+        """The last scan did not find the file at any path the globs match."""
+        self.listed = False
+        self.unlisted.set()
+        self._wake.set()
+
+    def relist(self) -> None:
+        """The last scan found the file at a path the globs match."""
+        self.listed = True
+        self.recovered = False
+        self.unlisted.clear()
         self._wake.set()
 
     def rename(self, path: str) -> None:
@@ -111,40 +153,119 @@ class Tailer:
 
     async def run(self) -> None:
         try:
-            await self._follow()
+            if await self._open():
+                await self._follow()
         finally:
-            os.close(self.fd)
+            await self._close()
+
+    async def _blocking(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` in a thread. A cancelled `to_thread` keeps running, so the call is
+        remembered until it returns: the descriptor it uses is closed only after that."""
+        work = asyncio.ensure_future(asyncio.to_thread(call, *args))
+        # Its error is the caller's to see; once the caller is cancelled, nobody's.
+        work.add_done_callback(_retrieve)
+        self._in_flight = work
+        result: T = await asyncio.shield(work)
+        return result
+
+    async def _open(self) -> bool:
+        """Open the file in a thread (a hung NFS mount stalls only this file). False if it
+        cannot be followed (said once per path) or is no longer the file the scan found."""
+        try:
+            self.fd, st = await self._blocking(open_regular, self.path,
+                                               self.source.follow_symlinks)
+        except NotFollowable as exc:
+            self.owner.skip(Skipped(self.source.name, self.path, exc.reason))
+            return False
+        except OSError as exc:
+            self.owner.skip(Skipped(self.source.name, self.path, f"unreadable: {exc.strerror}"))
+            return False
+        if (st.st_dev, st.st_ino) != self.key[1:]:
+            self.log.debug("file_replaced_before_open", action="the next scan finds the new file")
+            return False
+        return True
+
+    async def _close(self) -> None:
+        """Release the offsets and close the descriptor, once no read can still be using it."""
+        try:
+            work = self._in_flight
+            if work is not None and not work.done():
+                await asyncio.wait({work}, timeout=IN_FLIGHT_WAIT)
+        finally:
             self._release()
+            self.state = FollowState.RELEASED
+            if self.fd >= 0:
+                fd, self.fd = self.fd, -1
+                work = self._in_flight
+                if work is None or work.done():
+                    os.close(fd)
+                else:
+                    work.add_done_callback(lambda _: os.close(fd))
 
     async def _follow(self) -> None:
         last_growth = time.monotonic()
+        changed = False  # a read found the bytes before its position changed: rewritten
         while True:
             woken = await self._wait()
-            st = await asyncio.to_thread(os.fstat, self.fd)
+            st, marker_ok = await self._blocking(self._observe)
             self.seen_size = st.st_size
-            if self.file is not None and st.st_size < self.splitter.position:
+            if self.file is None:
+                await self._identify(st)
+            position = self.splitter.position if self.file is not None else st.st_size
+            before = self.state
+            self.state, action = reconcile(before, Seen(
+                st.st_size, st.st_nlink, position, marker_ok and not changed, self.listed,
+                self.recovered or self._idle(last_growth)))
+            changed = False
+            self._log_transition(before, st.st_size)
+            if action is Action.RELEASE:
+                await self._finish()
+                return
+            if action is Action.RESTART:
                 await self._truncated(st.st_size)
-            if self.file is None and not await self._identify(st.st_size):
-                if self.unlinked.is_set() and (st.st_nlink == 0 or self._idle(last_growth)):
-                    return
+                self._wake.set()
+                continue
+            if self.file is None:
                 continue
             grew = await self._read_to_end()
             if grew is None:
-                await self._truncated(st.st_size)
+                changed = True
                 self._wake.set()
                 continue
             if grew:
                 last_growth = time.monotonic()
+                if draining(self.state):
+                    # Read to its end: the next observation says at once whether it is drained.
+                    self._wake.set()
             elif not woken and self.multiline is not None and self.multiline.pending:
                 await self._flush_event()
-            if self.unlinked.is_set() and (st.st_nlink == 0 or self._idle(last_growth)):
-                await self._finish()
-                return
+
+    def _observe(self) -> tuple[os.stat_result, bool]:
+        """fstat, and whether the bytes before the read position are still the ones read (at
+        position 0, whether the first line is). Blocking."""
+        st = os.fstat(self.fd)
+        if self.file is None:
+            return st, True
+        position, recent = self.splitter.position, self._recent
+        if recent:
+            return st, os.pread(self.fd, len(recent), position - len(recent)) == recent
+        return st, read_fingerprint(self.fd) == self.file.file_id.fingerprint
+
+    def _log_transition(self, before: FollowState, size: int) -> None:
+        if self.state is before or self.state is FollowState.ACTIVE:
+            return
+        if self.state is FollowState.ROTATED_DRAINING:
+            self.log.info("file_rotated", offset=self.splitter.position, size=size,
+                          action="reading it to its end, then releasing it after rotate_wait "
+                          "without growth")
+        elif self.state is FollowState.DELETED_DRAINING:
+            self.log.info("file_deleted", offset=self.splitter.position, size=size,
+                          action="reading it to its end, then releasing it")
 
     async def _wait(self) -> bool:
         """Wait to be woken; return False when a timeout (rotation, multiline) fired instead."""
         timeouts = []
-        if self.unlinked.is_set():
+        if draining(self.state):
             timeouts.append(self.source.rotate_wait)
         if self.multiline is not None and self.multiline.pending and self.source.multiline:
             timeouts.append(self.source.multiline.timeout)
@@ -163,29 +284,29 @@ class Tailer:
     def _idle(self, last_growth: float) -> bool:
         return time.monotonic() - last_growth >= self.source.rotate_wait
 
-    async def _identify(self, size: int) -> bool:
-        fingerprint = await asyncio.to_thread(read_fingerprint, self.fd)
+    async def _identify(self, st: os.stat_result) -> None:
+        """Claim offsets for the file once its first line is complete (else try again later)."""
+        fingerprint = await self._blocking(read_fingerprint, self.fd)
         if fingerprint is None:
-            return False
-        st = os.fstat(self.fd)
+            return
         claim = await self.owner.claim(self, SourceFile(self.source.name,
-                                                        FileId(st.st_dev, st.st_ino, fingerprint)), size)
+                                                        FileId(st.st_dev, st.st_ino, fingerprint)),
+                                       st.st_size)
         if claim is None:
-            return False
+            return
         self.at_first_start = False
         self.file, offset = claim
         self.splitter = splitter_for(self.source.encoding, self.source.max_line_bytes, offset)
-        self._recent = await asyncio.to_thread(os.pread, self.fd, min(offset, MARKER_BYTES),
-                                               max(0, offset - MARKER_BYTES))
+        self._recent = await self._blocking(os.pread, self.fd, min(offset, MARKER_BYTES),
+                                            max(0, offset - MARKER_BYTES))
         self.log = self.log.bind(file_id=str(self.file.file_id))
-        self.log.info("file_opened", offset=offset, size=size)
-        return True
+        self.log.info("file_opened", offset=offset, size=st.st_size)
 
     async def marker_matches(self, offset: int, expected: str | None) -> bool:
         """Whether the bytes before `offset` in this file hash to `expected`."""
         if expected is None:
             return True
-        return await asyncio.to_thread(read_marker, self.fd, offset) == expected
+        return await self._blocking(read_marker, self.fd, offset) == expected
 
     async def _truncated(self, size: int) -> None:
         self.log.warning("file_truncated", offset=self.splitter.position, size=size,
@@ -203,7 +324,7 @@ class Tailer:
         False if not, None if it was rewritten (truncated and written again) under us."""
         grew = False
         while True:
-            data = await asyncio.to_thread(self._read_chunk)
+            data = await self._blocking(self._read_chunk)
             if data is None:
                 return None
             if not data:
@@ -240,7 +361,7 @@ class Tailer:
             lines = self.multiline.feed(lines)
             if not lines:
                 return
-            end_marker = await asyncio.to_thread(read_marker, self.fd, lines[-1].end)
+            end_marker = await self._blocking(read_marker, self.fd, lines[-1].end)
         await self._emit(lines, end_marker)
 
     async def _emit(self, lines: Lines, end_marker: str) -> None:
@@ -253,25 +374,25 @@ class Tailer:
             event = self.multiline.flush()
             if event is not None:
                 await self._emit(Lines.of([event]),
-                                 await asyncio.to_thread(read_marker, self.fd, event.end))
+                                 await self._blocking(read_marker, self.fd, event.end))
 
     async def _finish(self) -> None:
         """The file is done: its unterminated last line, if any, is a line too."""
         line = self.splitter.flush() if self.file is not None else None
         if line is not None:
             await self._hand_on(Lines.of([line]),
-                                await asyncio.to_thread(read_marker, self.fd, line.end))
+                                await self._blocking(read_marker, self.fd, line.end))
         await self._flush_event()
         unread = self.seen_size - self.splitter.position
         self.log.info("file_released", offset=self.splitter.position, unread_bytes=max(unread, 0))
 
-    def reference(self) -> tuple[int, str | None]:
+    def reference(self) -> Checkpoint:
         """How far this tailer has read, and the marker there."""
-        return self.splitter.position, marker(self._recent) if self._recent else None
+        return Checkpoint.at(self.splitter.position, marker(self._recent) if self._recent else None)
 
     def _release(self) -> None:
         if self.file is not None:
-            self.owner.offsets.detach(self.file, *self.reference())
+            self.owner.offsets.detach(self.file, self.reference())
             self.owner.let_go(self, self.file)
         self.released.set()
 
@@ -293,17 +414,22 @@ class TailerSet:
         """Which tailer reads each file now."""
         self.by_path: dict[str, set[Tailer]] = {}
         """The same file may be followed by several sources."""
+        self.skipped: dict[tuple[str, str], str] = {}
+        """(source, path) -> why it is not followed: each is logged once, while the path lasts."""
         self.tasks: set[asyncio.Task[None]] = set()
         self._scans = 0
 
-    def reconcile(self, found: Iterable[Found], scanned: Iterable[str]) -> None:
+    def reconcile(self, found: Iterable[Found], scanned: Iterable[str],
+                  skipped: Iterable[Skipped] = ()) -> None:
         """Start tailers for new files, follow renames, wake tailers whose file changed, and let
         go of files the scanned sources' globs no longer match."""
         self._scans += 1
         seen = set()
+        paths = set()
         for item in found:
             key = (item.source, item.dev, item.ino)
             seen.add(key)
+            paths.add((item.source, item.path))
             tailer = self.live.get(key)
             if tailer is None:
                 self._open(item)
@@ -312,12 +438,29 @@ class TailerSet:
                 self._unindex(tailer)
                 tailer.rename(item.path)
                 self.by_path.setdefault(item.path, set()).add(tailer)
-            if item.size != tailer.seen_size or tailer.file is None:
+            if not tailer.listed:
+                tailer.relist()
+            elif item.size != tailer.seen_size or tailer.file is None:
                 tailer.wake()
+        for skip in skipped:
+            paths.add((skip.source, skip.path))
+            self.skip(skip)
         sources = set(scanned)
         for key, tailer in self.live.items():
-            if key[0] in sources and key not in seen:
+            if key[0] in sources and key not in seen and tailer.listed:
                 tailer.unlink()
+        for gone in [k for k in self.skipped if k[0] in sources and k not in paths]:
+            del self.skipped[gone]
+
+    def skip(self, skipped: Skipped) -> None:
+        """A path is not followed: say so once (again only if the reason changes)."""
+        key = (skipped.source, skipped.path)
+        if self.skipped.get(key) != skipped.reason:
+            self.skipped[key] = skipped.reason
+            log.warning("file_skipped", source=skipped.source, path=skipped.path,
+                        reason=skipped.reason,
+                        action="only regular files are followed (symlinks to them with "
+                        "follow_symlinks: true); fix the path or the globs")
 
     def hint(self, path: str) -> None:
         for tailer in self.by_path.get(path, ()):
@@ -332,14 +475,19 @@ class TailerSet:
             if known is not None:
                 progress = store.get(known)
                 assert progress is not None
-                if progress.committed <= size and await tailer.marker_matches(
-                        progress.marker_offset, progress.marker):
-                    return self._attach(tailer, known, progress.committed, progress.marker)
+                reader = self.owners.get(known)
+                # A copy of this file that adopted its offsets reads them now: this file was
+                # rewritten, whatever its bytes say.
+                if (reader is None or reader is tailer) and progress.committed <= size and \
+                        await tailer.marker_matches(progress.checkpoint.marker_offset,
+                                                    progress.checkpoint.marker):
+                    return self._attach(tailer, known, progress.checkpoint)
                 rewritten = known.file_id.next_generation()
                 tailer.log.warning("file_rewritten", committed=progress.committed, size=size,
                                    generation=rewritten.generation,
                                    action="reading it from the start")
-                return self._attach(tailer, SourceFile(file.source, rewritten), 0, None)
+                return self._attach(tailer, SourceFile(file.source, rewritten),
+                                    FILE_START)
             waited = False
             for original in store.copies_of(file):
                 progress = store.get(original)
@@ -350,19 +498,19 @@ class TailerSet:
                 if owner is not None:
                     tailer.log.info("copy_detected", original=owner.path,
                                     action="waiting until the original is let go")
-                    if not await _first_of(owner.released, tailer.unlinked):
+                    if not await _first_of(owner.released, tailer.unlisted):
                         return None
                     waited = True
                     break
                 tailer.log.info("copy_adopted", original=progress.path, offset=progress.committed)
-                return self._attach(tailer, original, progress.committed, progress.marker)
+                return self._attach(tailer, original, progress.checkpoint)
             if waited:
                 continue
             offset = 0
             if tailer.at_first_start and self.start_at[file.source] == "end":
                 newline = "\n".encode(tailer.source.encoding)
-                offset = await asyncio.to_thread(last_line_end, tailer.fd, size, newline)
-            return self._attach(tailer, file, offset, None)
+                offset = await tailer._blocking(last_line_end, tailer.fd, size, newline)
+            return self._attach(tailer, file, Checkpoint(offset, offset, None))
 
     @staticmethod
     async def _is_copy(tailer: Tailer, original: FileProgress, owner: Tailer | None,
@@ -371,50 +519,55 @@ class TailerSet:
         committed one, or where its reader is (or stopped). The offset must lie past the
         fingerprinted first line, so that files that merely start with the same banner are
         never taken for copies."""
-        references = [(original.marker_offset, original.marker),
-                      owner.reference() if owner is not None
-                      else (original.read_offset, original.read_marker)]
-        for offset, expected in references:
-            if expected is not None and MIN_COPY_OFFSET <= offset <= size and \
-                    await tailer.marker_matches(offset, expected):
+        references = (original.checkpoint,
+                      owner.reference() if owner is not None else original.read)
+        for point in references:
+            if point.marker is not None and MIN_COPY_OFFSET <= point.marker_offset <= size and \
+                    await tailer.marker_matches(point.marker_offset, point.marker):
                 return True
-        tailer.log.debug("not_a_copy", original=original.path, references=references, size=size,
+        tailer.log.debug("not_a_copy", original=original.path,
+                         references=[tuple(point) for point in references], size=size,
                          owner_live=owner is not None)
         return False
 
-    def _attach(self, tailer: Tailer, file: SourceFile, offset: int,
-                marker_value: str | None) -> tuple[SourceFile, int]:
-        self.offsets.attach(file, tailer.path, offset, marker_value)
+    def _attach(self, tailer: Tailer, file: SourceFile,
+                start: Checkpoint) -> tuple[SourceFile, int]:
+        self.offsets.attach(file, tailer.path, start)
         self.owners[file] = tailer
-        return file, offset
+        return file, start.offset
 
     def let_go(self, tailer: Tailer, file: SourceFile) -> None:
         """`tailer` no longer reads `file` (it was truncated, or the tailer is done)."""
         if self.owners.get(file) is tailer:
             del self.owners[file]
 
-    def _open(self, item: Found) -> None:
-        try:
-            fd = os.open(item.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            log.warning("file_unreadable", source=item.source, path=item.path, error=str(exc),
-                        action="check the agent's permissions; retried at the next scan")
-            return
-        st = os.fstat(fd)
-        key = (item.source, st.st_dev, st.st_ino)
-        if key in self.live:
-            os.close(fd)
-            return
-        tailer = Tailer(self.sources[item.source], item.path, fd, self._scans == 1, self)
+    def _open(self, item: Found, listed: bool = True) -> None:
+        """Start a tailer for a file a scan found; it opens the file itself, off the loop."""
+        key = (item.source, item.dev, item.ino)
+        tailer = Tailer(self.sources[item.source], item.path, key, self._scans == 1, self, listed)
         self.live[key] = tailer
         self.by_path.setdefault(item.path, set()).add(tailer)
         task = self.spawn(tailer.run())
         self.tasks.add(task)
         task.add_done_callback(lambda t: self._done(key, tailer, t))
 
+    async def recover(self) -> None:
+        """Follow the files the offsets know that were renamed out of every glob while the
+        agent was stopped with lines still unread: each is looked for in its last folder by
+        device, inode and fingerprint, read to its end, then released. Call after the first
+        scan, so that the files still in the globs are followed as usual."""
+        known = [(f, p) for f, p in self.offsets.files.items() if f.source in self.sources]
+        unfinished = await asyncio.to_thread(_find_unfinished, known, set(self.live))
+        for item in unfinished:
+            if (item.source, item.dev, item.ino) not in self.live:
+                log.info("unfinished_file_found", source=item.source, path=item.path,
+                         size=item.size, action="reading it to its end, then releasing it")
+                self._open(item, listed=False)
+
     def _done(self, key: tuple[str, int, int], tailer: Tailer, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
-        self.live.pop(key, None)
+        if self.live.get(key) is tailer:
+            del self.live[key]
         self._unindex(tailer)
 
     def _unindex(self, tailer: Tailer) -> None:
@@ -425,9 +578,54 @@ class TailerSet:
                 del self.by_path[tailer.path]
 
     async def stop(self) -> None:
+        """Stop every tailer; each waits for a read still running in its thread first."""
         for task in self.tasks:
             task.cancel("agent stopping")
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _find_unfinished(known: Iterable[tuple[SourceFile, FileProgress]],
+                     live: set[tuple[str, int, int]]) -> list[Found]:
+    """The known files not followed now, found in their last folder (same device, inode and
+    fingerprint) with more bytes than were committed. Blocking."""
+    wanted: dict[str, dict[tuple[int, int], list[tuple[SourceFile, FileProgress]]]] = {}
+    for file, progress in known:
+        fid = file.file_id
+        if (file.source, fid.dev, fid.ino) not in live:
+            wanted.setdefault(os.path.dirname(progress.path), {}).setdefault(
+                (fid.dev, fid.ino), []).append((file, progress))
+    found: dict[tuple[str, int, int], Found] = {}
+    for folder, files in wanted.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                candidates = [(f, p) for f, p in files.get((st.st_dev, st.st_ino), ())
+                              if p.committed < st.st_size]
+                if not candidates or not entry.is_file(follow_symlinks=False):
+                    continue
+                fd, _ = open_regular(entry.path, follow_symlinks=False)
+            except (OSError, NotFollowable):
+                continue
+            try:
+                head = read_fingerprint(fd)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            for file, _progress in candidates:
+                if file.file_id.fingerprint == head:
+                    found[(file.source, st.st_dev, st.st_ino)] = Found(
+                        file.source, entry.path, st.st_dev, st.st_ino, st.st_size)
+    return list(found.values())
+
+
+def _retrieve(work: asyncio.Future[Any]) -> None:
+    if not work.cancelled():
+        work.exception()
 
 
 async def _first_of(wanted: asyncio.Event, other: asyncio.Event) -> bool:

@@ -71,6 +71,34 @@ class SourceFile:
         return cls(source, FileId.parse(file_id))
 
 
+class Checkpoint(NamedTuple):
+    """A point to resume reading a file from: `offset`, and `marker`, the hash of the bytes just
+    before `marker_offset` (<= `offset`; None when there are none to check, at the start).
+
+    The marker may lag behind the offset: it is the last read position whose bytes the tailer
+    reported and whose lines are all acknowledged. A named tuple, as the offsets file stores it
+    as a plain list."""
+
+    offset: int
+    marker_offset: int
+    marker: str | None
+
+    @classmethod
+    def at(cls, offset: int, marker: str | None) -> Checkpoint:
+        """A checkpoint whose marker is that of its own offset."""
+        return cls(offset, offset, marker)
+
+    def check(self) -> Checkpoint:
+        """This checkpoint, if it is one (as read from a file); ValueError otherwise."""
+        if not (isinstance(self.marker, str | None) and 0 <= self.marker_offset <= self.offset):
+            raise ValueError(f"invalid checkpoint {tuple(self)!r}")
+        return self
+
+
+FILE_START = Checkpoint(0, 0, None)
+"""The start of a file: nothing read, nothing to check."""
+
+
 class RawLine(NamedTuple):
     """One line as framed from a file: its bytes without the line ending.
 

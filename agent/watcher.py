@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import glob
 import os
@@ -38,7 +39,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from agent.config import SourceConfig
-from agent.tailer import Found, TailerSet
+from agent.identity import file_kind
+from agent.tailer import Found, Skipped, TailerSet
 
 log = structlog.get_logger("agent.watcher")
 _GLOB_CHARS = frozenset("*?[")
@@ -46,21 +48,82 @@ RELEVANT = frozenset({EVENT_TYPE_MODIFIED, EVENT_TYPE_CREATED, EVENT_TYPE_DELETE
                       EVENT_TYPE_MOVED})
 
 
-def scan(sources: Sequence[SourceConfig]) -> list[Found]:
-    """Every regular file the sources' globs match now, less their exclusions. Blocking."""
-    found = []
+def scan(sources: Sequence[SourceConfig],
+         state_dir: Path | None = None) -> tuple[list[Found], list[Skipped]]:
+    """Every regular file the sources' globs match now, less their exclusions, and the paths
+    they match that are not followed, with the reason. Nothing under `state_dir` (the agent's
+    own files) is ever followed. Blocking."""
+    found, skipped = [], []
+    own = os.path.realpath(state_dir) if state_dir is not None else None
+    links: dict[str, bool] = {}
     for source in sources:
-        paths = sorted({p for pattern in source.paths for p in glob.glob(pattern, recursive=True)})
-        for path in paths:
+        bases: dict[str, str] = {}
+        for pattern in source.paths:
+            for p in glob.glob(pattern, recursive=True):
+                bases.setdefault(p, _fixed_folder(pattern))
+        for path in sorted(bases):
             if excluded(path, source.exclude_paths):
                 continue
             try:
-                st = os.stat(path)
+                st, reason = _followable(path, source.follow_symlinks)
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode):
+            if reason is None and not source.follow_symlinks and \
+                    _through_symlink(path, bases[path], links):
+                reason = "in a folder reached through a symlink (follow_symlinks is false)"
+            if reason is None and own is not None and _inside(os.path.realpath(path), own):
+                reason = "inside the agent's state_dir"
+            if reason is None:
                 found.append(Found(source.name, path, st.st_dev, st.st_ino, st.st_size))
-    return found
+            else:
+                skipped.append(Skipped(source.name, path, reason))
+    return found, skipped
+
+
+def _followable(path: str, follow_symlinks: bool) -> tuple[os.stat_result, str | None]:
+    """The path's stat, and why it is not followed (None: it is a regular file to follow)."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.stat(path)
+        except OSError as exc:
+            return st, "symlink loop" if exc.errno == errno.ELOOP else "dangling symlink"
+        if not follow_symlinks:
+            return st, f"symlink (to a {file_kind(target.st_mode)}; follow_symlinks is false)"
+        if not stat.S_ISREG(target.st_mode):
+            return st, f"symlink to a {file_kind(target.st_mode)}"
+        return target, None
+    if not stat.S_ISREG(st.st_mode):
+        return st, file_kind(st.st_mode)
+    return st, None
+
+
+def _fixed_folder(pattern: str) -> str:
+    """The folder a glob names before its first wildcard (its user chose it, symlinks and all)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))
+    return str(Path(*parts[: min(fixed, len(parts) - 1)])) if len(parts) > 1 else "."
+
+
+def _through_symlink(path: str, base: str, links: dict[str, bool]) -> bool:
+    """Whether a folder between `base` and the file at `path` is a symlink (`**` and `*/`
+    follow them); `links` remembers each folder's answer for the rest of the scan."""
+    folder = os.path.dirname(path)
+    rel = os.path.relpath(folder, base)
+    if rel == "." or rel.startswith(".."):
+        return False
+    current = base
+    for part in rel.split(os.sep):
+        current = os.path.join(current, part)
+        if current not in links:
+            links[current] = os.path.islink(current)
+        if links[current]:
+            return True
+    return False
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def excluded(path: str, patterns: Sequence[str]) -> bool:
@@ -120,8 +183,10 @@ class Watcher:
     """Runs discovery for every source: inotify hints plus rescans, or polling."""
 
     def __init__(self, sources: Sequence[SourceConfig], tailers: TailerSet, scan_interval: float,
-                 poll_interval: float) -> None:
+                 poll_interval: float, state_dir: Path | None = None) -> None:
         self.sources = list(sources)
+        self.state_dir = state_dir
+        """The agent's own files: never followed, whatever the globs say."""
         self.tailers = tailers
         self.scan_interval = scan_interval
         self.poll_interval = poll_interval
@@ -165,8 +230,8 @@ class Watcher:
             await asyncio.to_thread(self._stop_observer)
 
     async def _scan(self, sources: Sequence[SourceConfig]) -> None:
-        found = await asyncio.to_thread(scan, sources)
-        self.tailers.reconcile(found, [s.name for s in sources])
+        found, skipped = await asyncio.to_thread(scan, sources, self.state_dir)
+        self.tailers.reconcile(found, [s.name for s in sources], skipped)
 
     def _changed(self, paths: set[str]) -> None:
         for path in paths:

@@ -10,7 +10,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.offsets import OffsetStore, StateFile
-from agent.types import Ack, FileId, SourceFile
+from agent.types import FILE_START, Ack, Checkpoint, FileId, SourceFile
 
 A = SourceFile("s", FileId(1, 2, "aaaa"))
 B = SourceFile("s", FileId(1, 3, "bbbb"))
@@ -19,7 +19,7 @@ B = SourceFile("s", FileId(1, 3, "bbbb"))
 def store_with(*files: SourceFile) -> OffsetStore:
     store = OffsetStore()
     for f in files:
-        store.attach(f, f"/log/{f.file_id.ino}", 0, None)
+        store.attach(f, f"/log/{f.file_id.ino}", FILE_START)
     return store
 
 
@@ -41,7 +41,7 @@ def test_offset_moves_only_past_the_contiguous_acknowledged_run() -> None:
     assert committed(store, A) == 30
     assert store.outstanding() == 0
     progress = store.get(A)
-    assert progress is not None and (progress.marker_offset, progress.marker) == (30, "m30")
+    assert progress is not None and progress.checkpoint == Checkpoint(30, 30, "m30")
 
 
 def test_marker_follows_the_last_read_position_that_is_fully_acknowledged() -> None:
@@ -51,7 +51,7 @@ def test_marker_follows_the_last_read_position_that_is_fully_acknowledged() -> N
     store.acknowledge([Ack(A, 10), Ack(A, 20), Ack(A, 30)])
     progress = store.get(A)
     assert progress is not None
-    assert (progress.committed, progress.marker_offset, progress.marker) == (30, 20, "m20")
+    assert progress.checkpoint == Checkpoint(30, 20, "m20")
 
 
 def test_lines_without_documents_count_as_acknowledged() -> None:
@@ -80,7 +80,7 @@ def test_acks_for_unknown_files_are_ignored() -> None:
 
 def test_prune_forgets_only_released_old_files() -> None:
     store = store_with(A, B)
-    store.detach(A, 0, None)
+    store.detach(A, FILE_START)
     store.files[A].updated = 0
     store.files[B].updated = 0
     assert store.prune(older_than=100) == [A]
@@ -97,7 +97,7 @@ def test_state_file_round_trip(tmp_path: Path) -> None:
     loaded, status = state.load()
     assert status == "ok"
     assert loaded[A].committed == 123 and loaded[A].path == "/log/2"
-    assert (loaded[A].marker_offset, loaded[A].marker) == (123, "m123")
+    assert loaded[A].checkpoint == Checkpoint(123, 123, "m123")
     assert not (tmp_path / "offsets.json.tmp").exists()
 
 
@@ -139,15 +139,44 @@ def test_no_state_file_is_a_first_start(tmp_path: Path) -> None:
     assert StateFile(tmp_path).load() == ({}, "absent")
 
 
-def test_new_generation_replaces_the_old_and_copies_are_found() -> None:
+def test_new_generation_is_the_latest_and_copies_are_found() -> None:
     store = store_with(A)
     rewritten = SourceFile("s", A.file_id.next_generation())
     assert store.latest(SourceFile("s", FileId(1, 2, "aaaa"))) == A
-    store.attach(rewritten, "/log/2", 0, None)
-    assert store.latest(A) == rewritten and store.get(A) is None
+    store.attach(rewritten, "/log/2", FILE_START)
+    assert store.latest(A) == rewritten
     copy = SourceFile("s", FileId(1, 99, "aaaa"))
-    assert store.copies_of(copy) == [rewritten]
+    assert set(store.copies_of(copy)) == {A, rewritten}
     assert store.copies_of(SourceFile("other", FileId(1, 99, "aaaa"))) == []
+
+
+def test_copytruncate_race_the_copy_adopts_first() -> None:
+    """Issue 13 item 8: the copy adopted the original's offsets; then the truncated original
+    starts again with the same first line and is attached as a new generation. The copy's
+    entry must survive (it raised KeyError in `expect`)."""
+    store = store_with(A)
+    expect(store, A, [], 3000)
+    store.detach(A, Checkpoint.at(3000, "m3000"))  # the original was truncated
+    store.attach(A, "/log/app.log.1", Checkpoint(3000, 3000, "m3000"))  # the copy adopts it
+    store.attach(SourceFile("s", A.file_id.next_generation()), "/log/2", FILE_START)
+    expect(store, A, [3100], 3100)
+    store.acknowledge([Ack(A, 3100)])
+    assert committed(store, A) == 3100
+
+
+def test_copytruncate_race_the_original_restarts_first() -> None:
+    """The other order: the truncated original is attached as a new generation before the
+    copy looks for what it is a copy of. The original's offsets must still be there to adopt,
+    or the copy is shipped again under new ids."""
+    store = store_with(A)
+    expect(store, A, [], 3000)
+    store.detach(A, Checkpoint.at(3000, "m3000"))
+    store.attach(SourceFile("s", A.file_id.next_generation()), "/log/2", FILE_START)
+    copy = SourceFile("s", FileId(1, 99, "aaaa"))
+    assert A in store.copies_of(copy)
+    progress = store.get(A)
+    assert progress is not None and progress.checkpoint == Checkpoint(3000, 3000, "m3000")
+    assert progress.read == Checkpoint(3000, 3000, "m3000")
 
 
 def test_settle_and_rewind_for_a_lost_spool() -> None:
@@ -161,7 +190,7 @@ def test_settle_and_rewind_for_a_lost_spool() -> None:
     assert store.rewind(["s"]) == [A, B]
     assert committed(store, A) == 100 and committed(store, B) == 0
     progress = store.get(A)
-    assert progress is not None and (progress.marker_offset, progress.marker) == (100, "m100")
+    assert progress is not None and progress.checkpoint == Checkpoint(100, 100, "m100")
 
 
 def test_delivered_offsets_survive_the_state_file(tmp_path: Path) -> None:

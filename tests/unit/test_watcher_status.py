@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from agent import watcher as watcher_module
 from agent.config import Problem, SourceConfig, source_from_mapping
 from agent.status import EXIT_DEGRADED, EXIT_NOT_RUNNING, EXIT_OK, render
-from agent.tailer import Found
+from agent.tailer import Found, Skipped
 from agent.watcher import Watcher, excluded, scan, watch_roots
 
 
@@ -29,7 +29,8 @@ def test_scan_follows_globs_and_exclusions(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     for name in ("a/x.log", "a/x.log.1", "a/x.log.2.gz", "y.log"):
         (tmp_path / name).write_text("line\n")
-    found = scan([source(paths=[str(tmp_path / "**" / "*.log*")], exclude_paths=["*.gz"])])
+    found, skipped = scan([source(paths=[str(tmp_path / "**" / "*.log*")], exclude_paths=["*.gz"])])
+    assert skipped == []
     assert sorted(Path(f.path).relative_to(tmp_path).as_posix() for f in found) == [
         "a/x.log", "a/x.log.1", "y.log"]
     assert all(f.size == 5 for f in found)
@@ -47,7 +48,7 @@ class Tailers:
     def __init__(self) -> None:
         self.scans: list[tuple[list[Found], list[str]]] = []
 
-    def reconcile(self, found: list[Found], scanned: list[str]) -> None:
+    def reconcile(self, found: list[Found], scanned: list[str], skipped: list[Skipped]) -> None:
         self.scans.append((found, scanned))
 
     def hint(self, path: str) -> None:
