@@ -15,7 +15,7 @@ from agent import durable
 from agent.deadletter import DeadLetterFile, Rejection
 from agent.offsets import OffsetStore, StateFile
 from agent.spool import Spool
-from agent.types import Document, FileId, SourceFile
+from agent.types import FILE_START, Document, FileId, SourceFile
 from tests.tmpfs import fill, tmpfs
 
 F = SourceFile("s", FileId(1, 2, "aaaa"))
@@ -26,7 +26,7 @@ def offsets(files: int) -> OffsetStore:
     store = OffsetStore()
     for n in range(files):
         f = SourceFile("s", FileId(1, n + 10, f"{n:08x}"))
-        store.attach(f, f"/var/log/app/file-{n:06d}.log", 0, None)
+        store.attach(f, f"/var/log/app/file-{n:06d}.log", FILE_START)
         store.expect(f, [], 100 + n, f"m{n}")
     return store
 
