@@ -269,18 +269,18 @@ def requests(query: Query, prefixes: Sequence[Sequence[Any]] = ((),)) -> list[di
         time_parts = view.key[index:]
         for prefix in prefixes:
             params = dict(base)
-            start = list(prefix) + (_time_key(time_parts, query.since, False, True)
-                                    if query.since else [])
+            # Without --since the range still starts at the first date, so documents without
+            # one (a line shipped raw has no `date`: its key holds null there) stay out of it.
+            start = list(prefix) + _time_key(time_parts, query.since or datetime(1, 1, 1),
+                                             False, True)
             end = list(prefix) + (_time_key(time_parts, query.until, True, query.until_precise)
                                   if query.until else [])
             end_tail: Any = {} if view.key_is_array else "\ufff0"
             if view.key_is_array:
                 params["startkey"], params["endkey"] = start, [*end, end_tail]
             else:
-                params["startkey"] = start[0] if start else None
+                params["startkey"] = start[0]
                 params["endkey"] = (end[0] if end else "") + end_tail
-            if params["startkey"] is None:
-                del params["startkey"]
             out.append(params)
     return [{k: v if isinstance(v, str) and k not in ("startkey", "endkey") else json.dumps(v)
              for k, v in p.items()} for p in out]
@@ -504,7 +504,8 @@ def index_lag(couch: Couch, database: str, view: ViewSpec) -> int | None:
     status, info = couch.request("GET", f"/{db}/_design/{view.design}/_info")
     if status != 200 or not isinstance(info, dict):
         return None
-    index_seq = info.get("view_index", {}).get("update_seq")
+    view_index = info.get("view_index")
+    index_seq = view_index.get("update_seq") if isinstance(view_index, dict) else None
     return freshness(couch.get(f"/{db}").get("update_seq"), index_seq)
 
 
