@@ -237,10 +237,9 @@ def _time_key(parts: Sequence[str], when: datetime, end: bool, precise: bool) ->
         elif part == "day":
             out.append(when.day)
         elif part == "date":
-            out.append(when.strftime("%Y-%m-%d"))
+            out.append(when.date().isoformat())  # strftime drops a year's leading zeros
         elif part == "hour":
-            out.append(when.strftime("%Y-%m-%dT%H") if precise or not end
-                       else when.strftime("%Y-%m-%dT23"))
+            out.append(f"{when.date().isoformat()}T{when.hour if precise or not end else 23:02d}")
         else:
             break
     return out
@@ -313,7 +312,9 @@ def render_json(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _columns(view: ViewSpec, rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    width = max((len(r["key"]) if isinstance(r.get("key"), list) else 1 for r in rows), default=0)
+    # Group level 0 has one row and no key: the table is just the value.
+    width = max((len(r["key"]) if isinstance(r.get("key"), list) else int(r.get("key") is not None)
+                 for r in rows), default=0)
     names = list(view.key[:width]) if view.key_is_array else [view.key[0]]
     return [*names, *(f"key{i}" for i in range(len(names), width))]
 
