@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
 
 import yaml
 
@@ -399,7 +399,13 @@ class Couch:
 
     def __init__(self, url: str, user: str | None = None, password: str | None = None,
                  timeout: float = 120.0) -> None:
-        self.url = url.rstrip("/")
+        parts = urlsplit(url)
+        if parts.username is not None:
+            # Credentials in the URL (a config may hold them) go to the header, never to messages.
+            user = user or unquote(parts.username)
+            password = password if password is not None else unquote(parts.password or "")
+            parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+        self.url = urlunsplit(parts).rstrip("/")
         self.timeout = timeout
         self._headers = {"Accept": "application/json"}
         if user is not None:

@@ -125,3 +125,11 @@ def test_freshness_from_opaque_and_integer_sequences() -> None:
     assert report.freshness(120, 100) == 20
     assert report.freshness("1500-g1AAAAB", "1450-g1AAAAC") == 50
     assert report.freshness("opaque", 3) is None
+
+
+def test_credentials_in_a_url_go_to_the_header_and_never_into_messages() -> None:
+    couch = report.Couch("http://reader:s3cret@127.0.0.1:9/")
+    assert couch.url == "http://127.0.0.1:9"
+    with pytest.raises(ReportError) as caught:
+        couch.get("/log_x")  # nothing listens on port 9
+    assert "s3cret" not in str(caught.value) and "127.0.0.1:9" in str(caught.value)
