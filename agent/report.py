@@ -312,6 +312,8 @@ def render_json(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _columns(view: ViewSpec, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not rows:
+        return list(view.key)
     # Group level 0 has one row and no key: the table is just the value.
     width = max((len(r["key"]) if isinstance(r.get("key"), list) else int(r.get("key") is not None)
                  for r in rows), default=0)
@@ -355,6 +357,8 @@ def render_csv(view: ViewSpec, rows: Sequence[Mapping[str, Any]]) -> str:
 def render_table(view: ViewSpec, rows: Sequence[Mapping[str, Any]], colour: bool,
                  bar_width: int = 40) -> str:
     """An aligned table; numeric values get a horizontal bar scaled to the largest."""
+    if not rows:
+        return "(no rows)\n"
     columns = [*_columns(view, rows), "value"]
     body = [[*_cells(view, r, len(columns) - 1), _text(r.get("value"))] for r in rows]
     widths = [max([len(c), *(len(line[i]) for line in body)]) for i, c in enumerate(columns)]

@@ -133,3 +133,10 @@ def test_credentials_in_a_url_go_to_the_header_and_never_into_messages() -> None
     with pytest.raises(ReportError) as caught:
         couch.get("/log_x")  # nothing listens on port 9
     assert "s3cret" not in str(caught.value) and "127.0.0.1:9" in str(caught.value)
+
+
+def test_no_rows() -> None:
+    view = find_view(load_designs(), "attacks")
+    assert report.render_table(view, [], colour=False) == "(no rows)\n"
+    assert report.render_csv(view, []) == "machine,year,month0,day,value\n"
+    assert report.render_json([]) == "[]\n"
