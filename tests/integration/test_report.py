@@ -249,3 +249,24 @@ def test_csv_table_and_stale(installed: tuple[str, Expected, Path, str]) -> None
     assert listing.returncode == 0
     assert sum("installed" in line for line in listing.stdout.splitlines()) == sum(
         len(d["views"]) for d in design_documents().values())
+
+
+def test_server_and_database_from_the_config(installed: tuple[str, Expected, Path, str]) -> None:
+    # -c gives the URL (here with the admin's credentials in it) and the sources' one database;
+    # --user and --password-file still decide who asks.
+    database, expected, root, _ = installed
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "report", "attacks", "--group-level", "1", "--format",
+         "json", "-c", str(root / "etc" / "agent.yaml"), "--user", READER, "--password-file",
+         str(root / "reader")], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"key": ["server"], "value": expected.kept}]
+    wrong = root / "wrong"
+    wrong.write_text("not-the-password\n")
+    refused = subprocess.run(
+        [sys.executable, "-m", "agent", "report", "attacks", "-c", str(root / "etc" / "agent.yaml"),
+         "--user", READER, "--password-file", str(wrong)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 1 and "401" in refused.stderr and "not-the-password" not in \
+        refused.stderr + refused.stdout
+    assert database in (root / "etc" / "conf.d" / "fail2ban.yaml").read_text()
