@@ -59,7 +59,7 @@
   });
 
   // ---- chart of documents over time ----
-  function points(design, name, rows) {
+  function points(name, rows) {
     var byTime = new Map();
     rows.forEach(function (row) {
       var t;
@@ -82,7 +82,7 @@
     var parts = $('report').value.split('/');
     var level = parts[1] === 'attacks' ? 4 : 1;
     return view(parts[0], parts[1], { group_level: String(level) }).then(function (rows) {
-      var data = points(parts[0], parts[1], rows);
+      var data = points(parts[1], rows);
       $('total').textContent = String(data[1].reduce(function (a, b) { return a + b; }, 0));
       $('chart-error').textContent = '';
       if (state.plot) { state.plot.destroy(); }
