@@ -98,6 +98,7 @@ def _arguments() -> argparse.ArgumentParser:
                    "when every line is stored; a summary goes to stderr")
     send_module.add_arguments(send)
     send.set_defaults(handler=_send)
+    _report_arguments(command)
     return parser
 
 
@@ -268,6 +269,69 @@ def _chunks_of_lines(name: str, max_line_bytes: int) -> Iterator[Lines]:
     finally:
         if close:
             stream.close()
+
+
+def _report_arguments(command: Any) -> None:
+    report = command("report", "run a shipped map/reduce report (agent report --list), or "
+                     "install the reports and the dashboard (--install, --dashboard)")
+    report.add_argument("name", nargs="?", metavar="NAME", help="the report, e.g. attacks")
+    report.add_argument("--list", action="store_true", help="one line per shipped report")
+    report.add_argument("--install", action="store_true",
+                        help="install the reports into --db (as an admin); unchanged ones are "
+                        "not rewritten")
+    report.add_argument("--dashboard", action="store_true",
+                        help="install the dashboard app into couchlog_dashboard (as an admin)")
+    report.add_argument("--url", help="CouchDB or the front (default: the config's first URL)")
+    report.add_argument("--db", help="the log database (default: the config's, if only one)")
+    report.add_argument("--user", help="a reader (an admin for --install)")
+    report.add_argument("--password-file", type=Path, help="first line: the --user's password")
+    group = report.add_mutually_exclusive_group()
+    group.add_argument("--group-level", type=int, metavar="N")
+    group.add_argument("--by", help="a named grouping: machine, day or hour (as the report has)")
+    report.add_argument("--since", metavar="DATE", help="from this date or hour on (inclusive)")
+    report.add_argument("--until", metavar="DATE", help="up to this date or hour (inclusive)")
+    report.add_argument("--field", help="for top_values: the field whose values to rank")
+    report.add_argument("--top", type=int, metavar="N", help="only the N largest values")
+    report.add_argument("--format", choices=["table", "csv", "json"],
+                        help="default: table on a terminal, csv otherwise")
+    report.add_argument("--stale", choices=["ok"],
+                        help="answer at once from the existing index and say how far behind it is")
+    report.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from agent import report
+
+    url, database = args.url, args.db
+    if args.config is not None:
+        config = config_module.load(args.config)
+        url = url or config.couchdb.urls[0]
+        databases = {source.database for source in config.sources}
+        if database is None and len(databases) == 1:
+            database = databases.pop()
+    password = None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError) as exc:
+            print(f"agent report: cannot read a password from {args.password_file}: "
+                  f"{getattr(exc, 'strerror', None) or 'empty file'}", file=sys.stderr)
+            return EXIT_CONFIG
+    if url is None:
+        print("agent report: no server: give --url URL or -c CONFIG", file=sys.stderr)
+        return EXIT_CONFIG
+    tty = sys.stdout.isatty()
+    options = report.Options(
+        name=args.name, url=url, database=database, user=args.user, password=password,
+        install=args.install, dashboard=args.dashboard, list_only=args.list,
+        group_level=args.group_level, by=args.by, since=args.since, until=args.until,
+        field_name=args.field, top=args.top, format=args.format or ("table" if tty else "csv"),
+        stale=args.stale == "ok", colour=tty and "NO_COLOR" not in os.environ)
+    try:
+        return report.command(options, sys.stdout, sys.stderr)
+    except report.ReportError as exc:
+        print(f"agent report: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if exc.usage else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -30,23 +30,7 @@ RUN = ROOT / "demo-run"
 DATABASE = "log_fail2ban"
 LINES = 3000
 RATE = 1000.0
-REPORT_VIEWS = {
-    "_id": "_design/report",
-    "language": "javascript",
-    "views": {
-        # The seed's view: [machine, year, month, day] with _count; group_level 1 is the total
-        # per machine, 4 the total per day.
-        "by_day": {"map": "function (doc) { if (doc.date && doc.machine) { var d = doc.date.split('-');"
-                          " emit([doc.machine, +d[0], +d[1], +d[2]], 1); } }",
-                   "reduce": "_count"},
-        "by_jail": {"map": "function (doc) { if (doc.process) { emit(doc.process, 1); } }",
-                    "reduce": "_count"},
-        "by_ip": {"map": "function (doc) { if (doc.ip) { emit(doc.ip, 1); } }", "reduce": "_count"},
-        "parse_errors": {"map": "function (doc) { if (doc.agent && doc.agent.parse_error) "
-                                "{ emit(doc.agent.offset, doc.message); } }",
-                         "reduce": "_count"},
-    },
-}
+READER, READER_PASSWORD = "demo_reader", "demo-reader-pw"
 
 
 def call(server: PouchDBServer, method: str, path: str, body: Any = None) -> Any:
@@ -110,26 +94,41 @@ def wait_for_documents(server: PouchDBServer, want: int, timeout: float = 60) ->
     return int(count)
 
 
+def agent_report(server: PouchDBServer, user: str, password: str, *args: str) -> str:
+    """`agent report ...` as a user would type it; its output (the command line is printed too)."""
+    secret = RUN / "etc" / f"{user}.password"
+    secret.write_text(password + "\n")
+    command = ["agent", "report", *args, "--url", server.public_url, "--user", user,
+               "--password-file", str(secret)]
+    done = subprocess.run([str(ROOT / ".venv/bin/agent"), *command[1:]], capture_output=True,
+                          text=True)
+    return f"$ {' '.join(command)}\n{done.stdout}{done.stderr}"
+
+
 def report(server: PouchDBServer) -> None:
-    call(server, "PUT", f"/{DATABASE}/_design/report", REPORT_VIEWS)
-    view = f"/{DATABASE}/_design/report/_view"
-    total = call(server, "GET", f"{view}/by_day?group_level=1")["rows"]
-    days = call(server, "GET", f"{view}/by_day?group_level=4")["rows"]
-    jails = call(server, "GET", f"{view}/by_jail?group=true")["rows"]
-    ips = call(server, "GET", f"{view}/by_ip?group=true")["rows"]
-    errors = call(server, "GET", f"{view}/parse_errors")["rows"]
-    print("\nReport (CouchDB map/reduce views in _design/report):")
-    for row in total:
-        print(f"  bans on {row['key'][0]}: {row['value']}")
-    for row in days:
-        _, year, month, day = row["key"]
-        print(f"    {year}-{month:02d}-{day:02d}: {row['value']}")
-    print("  bans per jail:")
-    for row in sorted(jails, key=lambda r: -r["value"]):
-        print(f"    {row['key']:18} {row['value']}")
-    top = sorted(ips, key=lambda r: -r["value"])[:3]
-    print("  most banned IPs: " + ", ".join(f"{r['key']} ({r['value']})" for r in top))
-    print(f"  lines shipped raw with a parse_error marker: {errors[0]['value'] if errors else 0}")
+    """The shipped reports (agent/reports/) and the dashboard, through `agent report` only."""
+    call(server, "PUT", f"/_users/org.couchdb.user:{READER}", {
+        "_id": f"org.couchdb.user:{READER}", "name": READER, "password": READER_PASSWORD,
+        "roles": ["couchlog_reader"], "type": "user"})
+    call(server, "PUT", f"/{DATABASE}/_security", {
+        "admins": {"names": [], "roles": []}, "members": {"names": [], "roles": ["couchlog_reader"]}})
+    print("\n" + agent_report(server, ADMIN, server.password, "--install", "--dashboard",
+                              "--db", DATABASE))
+    print(agent_report(server, READER, READER_PASSWORD, "attacks", "--group-level", "1",
+                       "--db", DATABASE, "--format", "table"))
+    print(agent_report(server, READER, READER_PASSWORD, "attacks", "--group-level", "4",
+                       "--db", DATABASE, "--format", "table"))
+    print(agent_report(server, READER, READER_PASSWORD, "attacks_per_ip", "--top", "5",
+                       "--db", DATABASE, "--format", "table"))
+    print(agent_report(server, READER, READER_PASSWORD, "parse_errors", "--group-level", "0",
+                       "--db", DATABASE, "--format", "table"))
+    print(f"""The dashboard is stored in CouchDB itself. To open it, start the server on the demo's
+data and browse to it (log in as {READER} / {READER_PASSWORD}, database {DATABASE}):
+
+  .venv/bin/python backend/pouchdb_server.py --port {server.port} --data {RUN / "couchdb"}
+  http://127.0.0.1:{server.port}/couchlog_dashboard/_design/dashboard/index.html
+
+Behind the nginx front it is at https://FRONT/dashboard/.""")
 
 
 def main() -> int:

@@ -1,0 +1,1 @@
+function(doc) { emit(doc.date, [doc.ip, doc.process]) }
