@@ -383,13 +383,15 @@ def assess(snapshot: Mapping[str, Any], now: float, limits: StatusConfig,
         if down is not None:
             error = db["last_error"] or "no answer"
             if now - down > limits.critical_after:
-                found.append(Finding(Level.CRITICAL, f"{name}: CouchDB not reachable for "
-                                     f"{_since(now, down)} (over status.critical_after "
-                                     f"{_ago(limits.critical_after)}): {error}"))
+                found.append(Finding(Level.CRITICAL, f"{name}: {error} (CouchDB not reachable "
+                                     f"for {_since(now, down)}, over status.critical_after "
+                                     f"{_ago(limits.critical_after)})"))
             else:
-                found.append(Finding(Level.WARNING, f"{name}: CouchDB not reachable for "
-                                     f"{_since(now, down)}, retrying: {error}"))
-        if db["backpressure"]:
+                found.append(Finding(Level.WARNING, f"{name}: {error} (CouchDB not reachable "
+                                     f"for {_since(now, down)}, retrying)"))
+        # An empty spool is not full: the shipper may leave the flag set once the documents it
+        # held went straight to CouchDB (shipper.py resets it only on a spool append).
+        if db["backpressure"] and db["spool_records"]:
             found.append(Finding(Level.CRITICAL, f"{name}: spool full, reading paused"))
         if db["spool"]["dropped_records"]:
             found.append(Finding(Level.WARNING, f"{name}: spool full, "

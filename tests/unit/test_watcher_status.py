@@ -103,7 +103,7 @@ def test_status_says_healthy_and_how_far_behind() -> None:
 
 def test_status_says_what_is_wrong() -> None:
     text, code = render(snapshot(healthy=False, last_error="unreachable: refused",
-                                 backpressure=True), Path("/s"))
+                                 backpressure=True, spool_records=9), Path("/s"))
     assert code == EXIT_CRITICAL  # the spool full, reading paused
     assert "log_app: unreachable: refused" in text and "spool full, reading paused" in text
 
