@@ -1,6 +1,6 @@
 """`agent status` against the real agent: each exit code produced for real (OK, WARNING while
-retrying, CRITICAL past status.critical_after and with the spool full, UNKNOWN for a stopped or
-stuck agent), and every line written still stored exactly once afterwards."""
+retrying, CRITICAL past status.critical_after, with the spool full and with recent dead letters,
+UNKNOWN for a stuck or stopped agent), and every line written still stored exactly once."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,4 +140,26 @@ def test_a_stuck_agent_and_a_stopped_one_are_unknown(
     assert f"ago from pid {pid}" in line
     flow.start()
     flow.wait_for(written)
+    flow.stop()
+
+
+def test_dead_letters_are_critical_within_the_window_across_a_restart(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
+        proxy: FaultProxy) -> None:
+    code, body = couch.request("PUT", f"/{database}/_design/guard", {
+        "validate_doc_update": "function (doc) { if (doc.msg && doc.msg.indexOf('secret') === 0) "
+                               "{ throw({forbidden: 'no secrets here'}); } }"})
+    assert code in (201, 202), body
+    lines = [f"{'secret' if n % 10 == 0 else 'public'} line {n}" for n in range(100)]
+    flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs).start()
+    written = append(logs / "app.log", lines)
+    flow.wait_for(Counter({k: v for k, v in written.items() if k.startswith("public")}))
+    line = wait_for_status(flow, CRITICAL, f"{database}: 10 document(s) refused, the last ")
+    assert " dead_lettered=10c;;;0;" in line
+    # A restart forgets the count, not the refusals: the dead-letter file says when.
+    flow.restart()
+    line = wait_for_status(flow, CRITICAL, "a document was refused ")
+    assert " dead_lettered=0c;;;0;" in line
+    set_status_keys(flow, dead_letter_window="1s")
+    wait_for_status(flow, OK, "COUCHLOG OK - ")
     flow.stop()
