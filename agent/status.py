@@ -407,9 +407,9 @@ def assess(snapshot: Mapping[str, Any], now: float, limits: StatusConfig,
         elif refused and last is None:
             found.append(Finding(Level.WARNING, f"{name}: {refused} document(s) refused, see "
                                  "dead-letter.jsonl in state_dir"))
-        urls = db.get("urls") or []
-        for index, url in enumerate(urls):
-            if url["in_use"] and index > 0 and down is None:
+        # While the database is down its finding says so; the URL lines say which failed how.
+        for index, url in enumerate(db.get("urls") or () if down is None else ()):
+            if url["in_use"] and index > 0:
                 found.append(Finding(Level.WARNING, f"{name}: failed over to "
                                      f"{redact_url(url['url'])}"))
             elif url["state"] == "down" and not url["in_use"]:
@@ -472,13 +472,12 @@ def render(snapshot: Any, path: Path, now: float | None = None,
     spooled = sum(d["spool_records"] for d in dbs.values())
     spool = (f"spool {_size(spool_bytes)} ({spooled} document(s))" if spooled or spool_bytes
              else "spool empty")
-    worst = [f.text for f in findings if f.level == level]
-    more = f" (+{len(findings) - len(worst)} more)" if len(findings) > len(worst) else ""
-    summary = "; ".join([*worst[:3], f"{files} files, {_size(behind)} behind, {spool}"])
-    if len(worst) > 3:
-        more = f" (+{len(findings) - 3} more)"
-    first = (f"COUCHLOG {level.name} - {_one_line(summary)}{more} | "
-             f"{perfdata(snapshot, now, limits)}")
+    # The worst findings (at most 3), how many more the details list, then the figures.
+    shown = [f.text for f in findings if f.level == level][:3]
+    if len(findings) > len(shown):
+        shown[-1] += f" (+{len(findings) - len(shown)} more)"
+    summary = "; ".join([*shown, f"{files} files, {_size(behind)} behind, {spool}"])
+    first = f"COUCHLOG {level.name} - {_one_line(summary)} | {perfdata(snapshot, now, limits)}"
     head = (f"couchlog agent running (pid {snapshot['pid']}, up "
             f"{_since(now, snapshot['started_at'])}, {files} file(s) by {snapshot['watch']}); "
             f"{_size(behind)} unread, {sum(d['queued'] for d in dbs.values())} queued, "
@@ -499,7 +498,7 @@ def _source_lines(sources: Mapping[str, Any], now: float) -> list[str]:
                      f"filtered {c['filtered'] + c['empty']}, invalid {c['invalid_encoding']}, "
                      f"truncated {c['truncated']}")
         lines += [f"    {_size(f['lag'])} unread in {f['path']}" for f in source["behind"]]
-        lines += [f"    failing since {_since(now, f['since'])} ago: {f['path']}: {f['error']}"
+        lines += [f"    failing for {_since(now, f['since'])}: {f['path']}: {f['error']}"
                   for f in source.get("failing", ())]
     return lines
 

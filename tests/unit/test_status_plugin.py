@@ -112,8 +112,8 @@ def test_the_worst_finding_sets_the_level() -> None:
     text, code = render(snap, Path("/s"), now=NOW, limits=LIMITS)
     assert code == EXIT_CRITICAL
     first = text.splitlines()[0]
-    assert first.startswith("COUCHLOG CRITICAL - log_app: spool full, reading paused; "), first
-    assert "(+2 more)" in first
+    assert first.startswith("COUCHLOG CRITICAL - log_app: spool full, reading paused (+2 more); "
+                            "1 files, "), first
 
 
 def test_the_first_line_and_its_performance_data() -> None:
@@ -154,6 +154,16 @@ def test_each_url_is_shown_with_its_state_and_an_old_error_with_its_age() -> Non
     assert ("    http://b:5984: in use, up; last error 2.0h ago: server_error: HTTP 500"
             in text.splitlines())
     assert "failed over to http://b:5984" in text.splitlines()[0]
+
+
+def test_while_a_database_is_down_its_urls_add_no_findings() -> None:
+    snap = snapshot(down_since=NOW - 60, last_error="unreachable: x",
+                    urls=[url("http://a:5984", False, "down", NOW - 60, "unreachable: x", NOW - 1),
+                          url("http://b:5984", True, "down", NOW - 30, "unreachable: y", NOW)])
+    assert [f.text for f in assess(snap, NOW, LIMITS)] == [
+        "log_app: unreachable: x (CouchDB not reachable for 60s, retrying)"]
+    text = render(snap, Path("/s"), now=NOW, limits=LIMITS)[0]
+    assert "    http://b:5984: in use, down since " in text and "last error 0s ago: unreachable: y" in text
 
 
 def test_an_old_database_error_is_never_shown_as_current() -> None:
