@@ -1,4 +1,8 @@
-"""Agent logging: structlog, one event per line, JSON in production and readable on a terminal."""
+"""Agent logging: structlog, one event per line, JSON in production and readable on a terminal.
+
+Under systemd's journal (see `under_journald`) each line starts with its syslog priority
+(`<3>` for an error), which journald strips and records, so `journalctl -p err` selects by
+level; files and pipes get the lines without it."""
 
 from __future__ import annotations
 
