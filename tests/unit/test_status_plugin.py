@@ -4,12 +4,15 @@ read from the `status:` section of the main config."""
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import cli
 from agent.config import ConfigError, StatusConfig, load
@@ -20,11 +23,13 @@ from agent.status import (
     EXIT_WARNING,
     Level,
     assess,
+    mismatch,
     render,
     settings_of,
 )
 from tests.agentproc import write_config
 from tests.unit import test_watcher_status
+from tests.unit.test_status import JSON, paths
 
 NOW = 1_800_000_000.0
 """A fixed clock, so no case depends on when the test runs (collection may be long before)."""
@@ -204,3 +209,36 @@ def test_a_config_status_cannot_read_is_unknown_not_critical(
     assert cli.main(["status", "-c", str(config)]) == EXIT_UNKNOWN
     out = capsys.readouterr().out
     assert out.startswith("COUCHLOG UNKNOWN - config error: ") and "status.critical_after" in out
+
+
+def full_snapshot() -> dict[str, Any]:
+    """A snapshot with every optional field the shipper and the daemon may add."""
+    snap = snapshot(down_since=None, last_dead_letter_at=NOW - 10, dead_lettered=1,
+                    urls=[url("http://a:5984", False, "down", NOW - 60, "unreachable: x", NOW),
+                          url("http://b:5984", True, "up", None, None, None)])
+    snap["sources"]["app"]["failing"] = [{"path": "/x", "error": "EIO", "since": NOW - 5}]
+    return snap
+
+
+FULL_PLACES = list(paths(full_snapshot()))[1:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(place=st.sampled_from(FULL_PLACES), value=JSON | st.just(KeyError),
+       now=st.floats(0, 1e11))
+def test_render_survives_any_part_of_the_new_fields_replaced(place: tuple[Any, ...], value: Any,
+                                                            now: float) -> None:
+    damaged = full_snapshot()
+    target = damaged
+    for key in place[:-1]:
+        target = target[key]
+    if value is KeyError:
+        del target[place[-1]]
+    else:
+        target[place[-1]] = copy.deepcopy(value)
+    text, code = render(damaged, Path("/s/status.json"), now=now, limits=LIMITS,
+                        dead_letter_at=now - 1)
+    assert isinstance(text, str) and code in (0, 1, 2, 3)
+    assert "\n" not in text.splitlines()[0] and text.splitlines()[0].count(" | ") <= 1
+    if mismatch(damaged) is not None:
+        assert code == EXIT_UNKNOWN and "is not a status snapshot" in text
