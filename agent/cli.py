@@ -66,8 +66,10 @@ def _arguments() -> argparse.ArgumentParser:
     check.add_argument("--markdown", action="store_true", help="with --keys: as markdown tables")
     check.set_defaults(handler=_check)
 
-    status = command("status", "say whether the agent is healthy and how far behind it is "
-                     "(exit 0 healthy, 1 degraded, 3 not running)")
+    status = command("status", "say whether the agent is healthy and how far behind it is, as "
+                     "a monitoring plugin (Nagios/Icinga): exit 0 OK, 1 WARNING, 2 CRITICAL, "
+                     "3 UNKNOWN (not running, or no status to trust); thresholds are the "
+                     "status.* config keys")
     status.add_argument("--json", action="store_true", help="print the raw snapshot")
     status.set_defaults(handler=_status)
 
@@ -138,11 +140,19 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from agent.status import StatusFile, report, state_dir_of
+    from agent.status import StatusFile, last_dead_letter, report, settings_of, unknown
 
-    status_file = StatusFile(state_dir_of(_config_path(args)))
+    try:
+        state_dir, limits = settings_of(_config_path(args))
+    except ConfigError as exc:
+        # A monitoring plugin's 2 would read as CRITICAL: a config it cannot read is UNKNOWN.
+        text, code = unknown("config error: " + "; ".join(str(p) for p in exc.problems))
+        print(text)
+        return code
+    status_file = StatusFile(state_dir)
     reading = status_file.read()
-    text, code = report(reading, status_file.path)
+    text, code = report(reading, status_file.path, limits=limits,
+                        dead_letter_at=last_dead_letter(state_dir))
     if args.json and isinstance(reading.value, dict):
         sys.stdout.buffer.write(orjson.dumps(reading.value, option=orjson.OPT_INDENT_2) + b"\n")
     else:

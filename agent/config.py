@@ -405,6 +405,21 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusConfig:
+    """Thresholds of `agent status` (a monitoring plugin: 0 OK, 1 WARNING, 2 CRITICAL, 3
+    UNKNOWN). Only `agent status` reads them, so a change needs no restart of the agent."""
+
+    critical_after: float = key(_duration, 300.0, "CRITICAL once CouchDB took no document for "
+                                "this long while the agent has some to send (WARNING before: "
+                                "retrying)", shown="5m")
+    lag_warning: int = key(_size, 64 * 1024**2, "WARNING when the followed files hold more "
+                           "unread bytes than this, summed over all sources", shown="64MiB")
+    dead_letter_window: float = key(_duration, 3600.0, "CRITICAL while a document was "
+                                    "dead-lettered (refused by CouchDB for good) this recently",
+                                    shown="1h")
+
+
+@dataclass(frozen=True, slots=True)
 class MultilineConfig:
     """A line matching `start` opens an event; other lines join the current one."""
 
@@ -491,6 +506,7 @@ class AgentConfig:
                                     "conflict), the end skips what was written while the agent "
                                     "was down")
     spool: SpoolConfig = section(SpoolConfig, "spool")
+    status: StatusConfig = section(StatusConfig, "status")
     sources: tuple[SourceConfig, ...] = ()
     warnings: tuple[Problem, ...] = ()
     """Things that work but should be fixed (a password others can read); `agent check` prints
@@ -704,6 +720,18 @@ def load(path: Path, need_secret: bool = True) -> AgentConfig:
     return replace(made, couchdb=couchdb, state_dir=base / made.state_dir, sources_dir=sources_dir,
                    host=made.host or socket.gethostname(), sources=sources,
                    warnings=tuple(warnings))
+
+
+def status_thresholds(path: Path, data: Mapping[str, Any]) -> StatusConfig:
+    """The `status.*` keys of the main file's parsed YAML `data`, checked as `load` checks them;
+    for `agent status`, which reads nothing else (no secret, no source file)."""
+    problems: list[Problem] = []
+    keys = [k for k in MAIN_KEYS if k.path.startswith("status.")]
+    made = _File(path, {"status": data.get("status") or {}}, keys, problems).record(
+        StatusConfig, "status.")
+    if problems or made is None:
+        raise ConfigError(problems)
+    return made
 
 
 def _given_path(main: _File, path: str, default: str) -> str:

@@ -1,12 +1,46 @@
-"""Agent logging: structlog, one event per line, JSON in production and readable on a terminal."""
+"""Agent logging: structlog, one event per line, JSON in production and readable on a terminal.
+
+Under systemd's journal (see `under_journald`) each line starts with its syslog priority
+(`<3>` for an error), which journald strips and records, so `journalctl -p err` selects by
+level; files and pipes get the lines without it."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Literal
+from typing import Any, Literal, TextIO
 
 import structlog
+
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3,
+                   "critical": 2}
+"""syslog(3) priorities of the log levels (`<N>` prefixes that journald reads)."""
+
+
+def under_journald(stream: TextIO) -> bool:
+    """True if `stream` is the journal stream systemd gave the service: JOURNAL_STREAM holds its
+    `device:inode`. Inherited by a child whose stderr was redirected, the variable names another
+    file, so a file or pipe keeps plain JSON lines."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        found = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{found.st_dev}:{found.st_ino}"
+
+
+def journald_priority(renderer: structlog.typing.Processor) -> structlog.typing.Processor:
+    """`renderer`, with each line prefixed by its syslog priority (`<3>` for an error), so that
+    `journalctl -p err` selects by level; journald strips the prefix."""
+
+    def render(logger: Any, method_name: str, event_dict: structlog.typing.EventDict) -> Any:
+        level = str(event_dict.get("level", method_name)).lower()
+        prefix = f"<{SYSLOG_PRIORITY.get(level, 6)}>"
+        line = renderer(logger, method_name, event_dict)
+        return prefix.encode() + line if isinstance(line, bytes) else prefix + str(line)
+
+    return render
 
 
 def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto") -> None:
@@ -16,6 +50,8 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if console else structlog.processors.JSONRenderer()
     )
+    if under_journald(sys.stderr):
+        renderer = journald_priority(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

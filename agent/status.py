@@ -4,10 +4,45 @@ A file (`state_dir/status.json`, replaced atomically) rather than a socket:
 it needs no extra listener, works when the reader may not talk to the
 daemon, and still says what was last known when the daemon is gone.
 
-The file is 0640 and `agent status` reads only `state_dir` from the main
-config, never the password: an operator in the agent's group can run it. A
-snapshot that cannot be trusted (not JSON, the wrong shape, written "in the
-future") is UNKNOWN, exit 3, with what was found; never a traceback.
+The file is 0640 and `agent status` reads only `state_dir` and the `status.*`
+thresholds from the main config, never the password: an operator in the
+agent's group can run it. A snapshot that cannot be trusted (not JSON, the
+wrong shape, written "in the future") is UNKNOWN, exit 3, with what was found;
+never a traceback.
+
+`agent status` is a monitoring plugin (Nagios, Icinga, Sensu): its first line is
+`COUCHLOG <LEVEL> - <summary> | <performance data>` and its exit code the level:
+
+- 0 OK;
+- 1 WARNING: CouchDB not reachable for less than `status.critical_after` (retrying), more
+  unread bytes than `status.lag_warning`, a file that cannot be read, a database failed over
+  to a fallback URL or one of its URLs down, documents dropped by `when_full: drop_oldest`;
+- 2 CRITICAL: CouchDB not reachable for longer than `status.critical_after`, the spool full
+  and reading paused, a document dead-lettered within `status.dead_letter_window`;
+- 3 UNKNOWN: not running (no snapshot, or its pid is gone), a snapshot older than
+  STALE_AFTER from a live pid, written in the future, unreadable or of the wrong shape,
+  or a main config whose `state_dir`/`status.*` cannot be read.
+
+The snapshot's contract (what `mismatch` checks; extra keys are allowed):
+
+- `pid`, `started_at`, `updated_at` (Unix times), `watch` (the watcher's mode);
+- `sources[name]`: `files`, `lag` (unread bytes), `counters` (COUNTERS), `behind`
+  (`[{"path", "lag"}]`, the files furthest behind), and, from the daemon when present,
+  `failing`: `[{"path", "error", "since"}]` for files whose tailer failed (WARNING);
+- `databases[db]`: `healthy`, `last_error`, `last_success`, `backpressure`, `stored`,
+  `conflicts`, `queued`, `dead_lettered`, `spool_records`, `spool_bytes`,
+  `spool.dropped_records`; and, from the shipper when present:
+  - `down_since` (time or null): since when no URL took documents. Without it (an older
+    snapshot) a database that is not `healthy` counts as down since its `last_success`
+    (or the agent's start): the last attempt failed and nothing was stored since;
+  - `last_dead_letter_at` (time or null). Without it, the dead-letter file's modification
+    time stands in for a database with `dead_lettered` documents;
+  - `urls`: `[{"url", "in_use", "state": "up"|"down"|"unknown", "down_since",
+    "last_error", "last_error_at"}]`, each shown with its state; a `last_error` is shown
+    with its age, never as current.
+
+`assess` (pure: snapshot, clock, thresholds, dead-letter time in; findings out) decides the
+level; `render` writes it out; only `report`'s callers touch the file system.
 """
 
 from __future__ import annotations
@@ -18,6 +53,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +62,37 @@ import structlog
 import yaml
 
 from agent import durable
-from agent.config import DEFAULT_STATE_DIR, ConfigError, Problem
+from agent.config import (
+    DEFAULT_STATE_DIR,
+    ConfigError,
+    Problem,
+    StatusConfig,
+    redact_url,
+    status_thresholds,
+)
+from agent.deadletter import DeadLetterFile
 from agent.ratelimit import RepeatedFailure
 
 STALE_AFTER = 15.0
+"""Seconds after which the snapshot of a live pid is distrusted (the daemon writes one every
+few seconds, idle or not)."""
 CLOCK_SLACK = 5.0
 """Seconds an `updated_at` may lie ahead of the reader's clock before the snapshot is distrusted."""
-EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 3
-EXIT_UNKNOWN = 3
-"""A snapshot that cannot be trusted: as for monitoring plugins, 3 means UNKNOWN."""
-"""The default of the config key `state_dir` (agent/config.py states it too)."""
+
+
+class Level(IntEnum):
+    """The monitoring-plugin levels; each is the exit code of `agent status`."""
+
+    OK = 0
+    WARNING = 1
+    CRITICAL = 2
+    UNKNOWN = 3
+
+
+EXIT_OK, EXIT_WARNING, EXIT_CRITICAL, EXIT_UNKNOWN = (int(level) for level in Level)
+EXIT_DEGRADED = EXIT_WARNING
+"""The name of 1 before CRITICAL existed (kept for callers)."""
+EXIT_NOT_RUNNING = EXIT_UNKNOWN
 MODE = 0o640
 """Readable by the agent's group, so an operator in it can run `agent status` without root."""
 log = structlog.get_logger("agent.status")
@@ -53,6 +110,11 @@ class Reading:
 def state_dir_of(config_path: Path) -> Path:
     """The `state_dir` set by the main config file, reading nothing else: `agent status` needs
     no secret (an operator may not be allowed to read the password file) and no source file."""
+    return settings_of(config_path)[0]
+
+
+def settings_of(config_path: Path) -> tuple[Path, StatusConfig]:
+    """`state_dir` and the `status.*` thresholds of the main config file, and nothing else."""
     try:
         data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -60,10 +122,23 @@ def state_dir_of(config_path: Path) -> Path:
                                    "-c PATH")]) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
         raise ConfigError([Problem(config_path, "", f"cannot read: {exc}")]) from None
-    value = (data if isinstance(data, dict) else {}).get("state_dir", str(DEFAULT_STATE_DIR))
+    data = data if isinstance(data, dict) else {}
+    value = data.get("state_dir", str(DEFAULT_STATE_DIR))
     if not isinstance(value, str) or not value:
         raise ConfigError([Problem(config_path, "state_dir", "expected a folder path (a string)")])
-    return config_path.parent / value
+    return config_path.parent / value, status_thresholds(config_path, data)
+
+
+def last_dead_letter(state_dir: Path) -> float | None:
+    """When the dead-letter file was last appended to (None: no file, or an empty one). Blocking.
+
+    It holds every database's refusals across restarts, so it says "refused within the last
+    hour" even for a snapshot whose shipper does not say when (`last_dead_letter_at`)."""
+    try:
+        found = DeadLetterFile(state_dir).path.stat()
+    except OSError:
+        return None
+    return found.st_mtime if found.st_size else None
 
 
 class StatusFile:
@@ -106,16 +181,28 @@ class StatusFile:
         return Reading(value)
 
 
-def report(reading: Reading, path: Path, now: float | None = None) -> tuple[str, int]:
+def report(reading: Reading, path: Path, now: float | None = None,
+           limits: StatusConfig | None = None, dead_letter_at: float | None = None,
+           ) -> tuple[str, int]:
     """`render` for what `StatusFile.read` found."""
     if reading.problem is not None:
         return _unknown(path, reading.problem)
-    return render(reading.value, path, now)
+    return render(reading.value, path, now, limits, dead_letter_at)
 
 
 def _unknown(path: Path, found: str) -> tuple[str, int]:
-    return (f"unknown: the status file {path} {found}; the agent writes it every few seconds "
-            "while running: check `systemctl status couchlog-agent` or its journal", EXIT_UNKNOWN)
+    return unknown(f"the status file {path} {found}; the agent writes it every few seconds "
+                   "while running: check `systemctl status couchlog-agent` or its journal")
+
+
+def unknown(what: str) -> tuple[str, int]:
+    """The output and exit code of an UNKNOWN: one line, no performance data."""
+    return f"COUCHLOG UNKNOWN - {_one_line(what)}", EXIT_UNKNOWN
+
+
+def _one_line(text: str) -> str:
+    """`text` fit for a plugin's first line: one line, and no `|` (it starts performance data)."""
+    return " ".join(text.split()).replace("|", "/")
 
 
 # -- what a snapshot must hold for `render` to explain it (extra keys are allowed)
@@ -125,6 +212,13 @@ def _unknown(path: Path, found: str) -> tuple[str, int]:
 class _Is:
     test: Callable[[Any], bool]
     expected: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Optional:
+    """A key older snapshots lack: checked when present."""
+
+    shape: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,15 +241,23 @@ _PID = _Is(lambda v: _int(v) and 1 <= v <= 2**22, "a process id")
 _TEXT = _Is(lambda v: isinstance(v, str), "a string")
 _OPTIONAL_TEXT = _Is(lambda v: v is None or isinstance(v, str), "a string or null")
 _FLAG = _Is(lambda v: isinstance(v, bool), "true or false")
+_URL_STATE = _Is(lambda v: v in ("up", "down", "unknown"), '"up", "down" or "unknown"')
 COUNTERS = ("lines", "matched", "unmatched", "filtered", "empty", "invalid_encoding", "truncated")
 _SHAPE = {
     "pid": _PID, "started_at": _TIME, "updated_at": _TIME, "watch": _TEXT,
     "sources": _Each({"files": _COUNT, "lag": _COUNT, "counters": dict.fromkeys(COUNTERS, _COUNT),
-                      "behind": [{"path": _TEXT, "lag": _COUNT}]}),
+                      "behind": [{"path": _TEXT, "lag": _COUNT}],
+                      "failing": _Optional([{"path": _TEXT, "error": _TEXT, "since": _TIME}])}),
     "databases": _Each({"healthy": _FLAG, "last_error": _OPTIONAL_TEXT, "backpressure": _FLAG,
                         "dead_lettered": _COUNT, "last_success": _OPTIONAL_TIME, "stored": _COUNT,
                         "conflicts": _COUNT, "queued": _COUNT, "spool_records": _COUNT,
-                        "spool_bytes": _COUNT, "spool": {"dropped_records": _COUNT}}),
+                        "spool_bytes": _COUNT, "spool": {"dropped_records": _COUNT},
+                        "down_since": _Optional(_OPTIONAL_TIME),
+                        "last_dead_letter_at": _Optional(_OPTIONAL_TIME),
+                        "urls": _Optional([{"url": _TEXT, "in_use": _FLAG, "state": _URL_STATE,
+                                            "down_since": _OPTIONAL_TIME,
+                                            "last_error": _OPTIONAL_TEXT,
+                                            "last_error_at": _OPTIONAL_TIME}])}),
 }
 
 
@@ -179,8 +281,10 @@ def mismatch(value: Any, shape: Any = None, where: str = "") -> str | None:
     for key, inner in shape.items():
         at = f"{where}.{key}".lstrip(".")
         if key not in value:
+            if isinstance(inner, _Optional):
+                continue
             return f"has no {at}"
-        found = mismatch(value[key], inner, at)
+        found = mismatch(value[key], inner.shape if isinstance(inner, _Optional) else inner, at)
         if found is not None:
             return found
     return None
@@ -217,65 +321,221 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def render(snapshot: Any, path: Path, now: float | None = None) -> tuple[str, int]:
-    """A person's view of the snapshot (any JSON value; None: no status file), and the exit
-    code: 0 healthy, 1 degraded, 3 not running or unknown (a snapshot that cannot be trusted)."""
+def _since(now: float, at: float) -> str:
+    return _ago(max(0.0, now - at))
+
+
+def _clock(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing `agent status` reports, and how bad it is."""
+
+    level: Level
+    text: str
+
+
+def trust(snapshot: Mapping[str, Any], now: float, alive: bool) -> str | None:
+    """Why a well-formed snapshot says nothing about the agent now (UNKNOWN), or None."""
+    age = now - snapshot["updated_at"]
+    pid = snapshot["pid"]
+    if alive and age < -CLOCK_SLACK:
+        return f"was updated {_ago(-age)} in the future by the live pid {pid} (was the clock changed?)"
+    if alive and age > STALE_AFTER:
+        # Not "not running": a live agent that cannot write state_dir (a full disk) looks so.
+        return (f"has the last status {_ago(age)} ago, yet pid {pid} still runs (or its number "
+                "was reused): the agent may be stuck, or unable to write there (look for "
+                "status_write_failed in its log)")
+    return None
+
+
+def down_since(database: Mapping[str, Any], started_at: float) -> float | None:
+    """Since when CouchDB took no document from this database's shipper; None while it does."""
+    if "down_since" in database:
+        value: float | None = database["down_since"]
+        return value
+    if database["healthy"]:
+        return None
+    # An older snapshot says only that the last attempt failed: nothing was stored since the
+    # last success (or the start), which is as long as CouchDB may have been down.
+    return database["last_success"] if database["last_success"] is not None else started_at
+
+
+def assess(snapshot: Mapping[str, Any], now: float, limits: StatusConfig,
+           dead_letter_at: float | None = None) -> list[Finding]:
+    """What is wrong with a running agent, worst first (empty: OK). Pure.
+
+    `dead_letter_at` is when the dead-letter file was last written (see `last_dead_letter`)."""
+    found: list[Finding] = []
+    behind = sum(s["lag"] for s in snapshot["sources"].values())
+    if behind > limits.lag_warning:
+        found.append(Finding(Level.WARNING, f"{_size(behind)} unread, over status.lag_warning "
+                             f"({_size(limits.lag_warning)})"))
+    for name, source in sorted(snapshot["sources"].items()):
+        for failing in source.get("failing", ()):
+            found.append(Finding(Level.WARNING, f"{name}: cannot read {failing['path']} for "
+                                 f"{_since(now, failing['since'])}: {failing['error']}"))
+    dead_letters_told = False
+    for name, db in sorted(snapshot["databases"].items()):
+        down = down_since(db, snapshot["started_at"])
+        if down is not None:
+            error = db["last_error"] or "no answer"
+            if now - down > limits.critical_after:
+                found.append(Finding(Level.CRITICAL, f"{name}: {error} (CouchDB not reachable "
+                                     f"for {_since(now, down)}, over status.critical_after "
+                                     f"{_ago(limits.critical_after)})"))
+            else:
+                found.append(Finding(Level.WARNING, f"{name}: {error} (CouchDB not reachable "
+                                     f"for {_since(now, down)}, retrying)"))
+        # An empty spool is not full: the shipper may leave the flag set once the documents it
+        # held went straight to CouchDB (shipper.py resets it only on a spool append).
+        if db["backpressure"] and db["spool_records"]:
+            found.append(Finding(Level.CRITICAL, f"{name}: spool full, reading paused"))
+        if db["spool"]["dropped_records"]:
+            found.append(Finding(Level.WARNING, f"{name}: spool full, "
+                                 f"{db['spool']['dropped_records']} document(s) dropped by "
+                                 "when_full: drop_oldest"))
+        refused = db["dead_lettered"]
+        last = db.get("last_dead_letter_at", dead_letter_at if refused else None)
+        if last is not None and now - last <= limits.dead_letter_window:
+            dead_letters_told = True
+            found.append(Finding(Level.CRITICAL, f"{name}: {refused} document(s) refused, the "
+                                 f"last {_since(now, last)} ago; see dead-letter.jsonl in "
+                                 "state_dir"))
+        elif refused and last is None:
+            found.append(Finding(Level.WARNING, f"{name}: {refused} document(s) refused, see "
+                                 "dead-letter.jsonl in state_dir"))
+        # While the database is down its finding says so; the URL lines say which failed how.
+        for index, url in enumerate(db.get("urls") or () if down is None else ()):
+            if url["in_use"] and index > 0:
+                found.append(Finding(Level.WARNING, f"{name}: failed over to "
+                                     f"{redact_url(url['url'])}"))
+            elif url["state"] == "down" and not url["in_use"]:
+                since = "" if url["down_since"] is None else f" for {_since(now, url['down_since'])}"
+                found.append(Finding(Level.WARNING, f"{name}: {redact_url(url['url'])} down{since}"))
+    if (not dead_letters_told and dead_letter_at is not None
+            and now - dead_letter_at <= limits.dead_letter_window):
+        found.append(Finding(Level.CRITICAL, f"a document was refused {_since(now, dead_letter_at)} "
+                             "ago (before this agent started); see dead-letter.jsonl in state_dir"))
+    return sorted(found, key=lambda f: -f.level)
+
+
+def perfdata(snapshot: Mapping[str, Any], now: float, limits: StatusConfig) -> str:
+    """Performance data, `label=value[UOM];warn;crit;min;max` each (plugin guidelines)."""
+    sources, dbs = snapshot["sources"].values(), snapshot["databases"].values()
+    downs = [now - d for db in dbs if (d := down_since(db, snapshot["started_at"])) is not None]
+    values = [
+        ("files", sum(s["files"] for s in sources), "", "", ""),
+        ("lag_bytes", sum(s["lag"] for s in sources), "B", limits.lag_warning, ""),
+        ("spool_bytes", sum(d["spool_bytes"] for d in dbs), "B", "", ""),
+        ("spooled", sum(d["spool_records"] for d in dbs), "", "", ""),
+        ("queued", sum(d["queued"] for d in dbs), "", "", ""),
+        ("down_seconds", round(max([0.0, *downs])), "s", "", round(limits.critical_after)),
+        ("stored", sum(d["stored"] for d in dbs), "c", "", ""),
+        ("conflicts", sum(d["conflicts"] for d in dbs), "c", "", ""),
+        ("dead_lettered", sum(d["dead_lettered"] for d in dbs), "c", "", ""),
+        ("lines", sum(s["counters"]["lines"] for s in sources), "c", "", ""),
+    ]
+    return " ".join(f"{label}={value}{unit};{warn};{crit};0;" for label, value, unit, warn, crit
+                    in values)
+
+
+def render(snapshot: Any, path: Path, now: float | None = None,
+           limits: StatusConfig | None = None, dead_letter_at: float | None = None,
+           ) -> tuple[str, int]:
+    """The plugin output for a snapshot (any JSON value; None: no status file) and its exit
+    code (`Level`): a first line for Nagios/Icinga, then a person's view."""
     now = time.time() if now is None else now
+    limits = StatusConfig() if limits is None else limits
     if snapshot is None:
-        return (f"not running: no status at {path} (is `agent run` started with this config?)",
-                EXIT_NOT_RUNNING)
+        return unknown(f"not running: no status at {path} (is `agent run` started with this "
+                       "config?)")
     wrong = mismatch(snapshot)
     if wrong is not None:
         return _unknown(path, f"is not a status snapshot: {wrong}")
-    age = now - snapshot["updated_at"]
     alive = _running(snapshot["pid"])
-    if alive and age < -CLOCK_SLACK:
-        return _unknown(path, f"was updated {_ago(-age)} in the future by the live pid "
-                        f"{snapshot['pid']} (was the clock changed?)")
-    if alive and age > STALE_AFTER:
-        # Not "not running": a live agent that cannot write state_dir (a full disk) looks so.
-        return _unknown(path, f"has the last status {_ago(age)} ago, yet pid {snapshot['pid']} "
-                        "still runs (or its number was reused): the agent may be stuck, or "
-                        "unable to write there (look for status_write_failed in its log)")
+    distrust = trust(snapshot, now, alive)
+    if distrust is not None:
+        return _unknown(path, distrust)
     if not alive:
-        return (f"not running: last status {_ago(age)} ago from pid {snapshot['pid']}; "
-                f"check `systemctl status couchlog-agent` or its journal", EXIT_NOT_RUNNING)
-    problems = []
-    source_lines = []
-    database_lines = []
-    behind = 0
-    files = 0
-    for name, source in sorted(snapshot["sources"].items()):
-        lag = source["lag"]
-        behind += lag
-        files += source["files"]
+        return unknown(f"not running: last status {_since(now, snapshot['updated_at'])} ago from "
+                       f"pid {snapshot['pid']}; check `systemctl status couchlog-agent` or its "
+                       "journal")
+    findings = assess(snapshot, now, limits, dead_letter_at)
+    level = findings[0].level if findings else Level.OK
+    sources, dbs = snapshot["sources"], snapshot["databases"]
+    files = sum(s["files"] for s in sources.values())
+    behind = sum(s["lag"] for s in sources.values())
+    spool_bytes = sum(d["spool_bytes"] for d in dbs.values())
+    spooled = sum(d["spool_records"] for d in dbs.values())
+    spool = (f"spool {_size(spool_bytes)} ({spooled} document(s))" if spooled or spool_bytes
+             else "spool empty")
+    # The worst findings (at most 3), how many more the details list, then the figures.
+    shown = [f.text for f in findings if f.level == level][:3]
+    if len(findings) > len(shown):
+        shown[-1] += f" (+{len(findings) - len(shown)} more)"
+    summary = "; ".join([*shown, f"{files} files, {_size(behind)} behind, {spool}"])
+    first = f"COUCHLOG {level.name} - {_one_line(summary)} | {perfdata(snapshot, now, limits)}"
+    head = (f"couchlog agent running (pid {snapshot['pid']}, up "
+            f"{_since(now, snapshot['started_at'])}, {files} file(s) by {snapshot['watch']}); "
+            f"{_size(behind)} unread, {sum(d['queued'] for d in dbs.values())} queued, "
+            f"{spooled} spooled")
+    health = ["health: OK"] if not findings else [
+        f"health: {level.name}", *(f"  - {f.level.name}: {f.text}" for f in findings)]
+    text = "\n".join([first, head, *health, "sources:", *_source_lines(sources, now),
+                      "databases:", *_database_lines(snapshot, now)])
+    return text, int(level)
+
+
+def _source_lines(sources: Mapping[str, Any], now: float) -> list[str]:
+    lines = []
+    for name, source in sorted(sources.items()):
         c = source["counters"]
-        source_lines.append(f"  {name:16} {source['files']} file(s), {_size(lag)} unread; lines "
-                     f"{c['lines']}, matched {c['matched']}, unmatched {c['unmatched']}, "
+        lines.append(f"  {name:16} {source['files']} file(s), {_size(source['lag'])} unread; "
+                     f"lines {c['lines']}, matched {c['matched']}, unmatched {c['unmatched']}, "
                      f"filtered {c['filtered'] + c['empty']}, invalid {c['invalid_encoding']}, "
                      f"truncated {c['truncated']}")
-        source_lines += [f"    {_size(f['lag'])} unread in {f['path']}" for f in source["behind"]]
+        lines += [f"    {_size(f['lag'])} unread in {f['path']}" for f in source["behind"]]
+        lines += [f"    failing for {_since(now, f['since'])}: {f['path']}: {f['error']}"
+                  for f in source.get("failing", ())]
+    return lines
+
+
+def _database_lines(snapshot: Mapping[str, Any], now: float) -> list[str]:
+    lines = []
     for name, db in sorted(snapshot["databases"].items()):
-        state = "ok" if db["healthy"] else "CouchDB not reachable"
-        if not db["healthy"]:
-            problems.append(f"{name}: {db['last_error'] or 'CouchDB not reachable'}")
-        if db["backpressure"]:
-            problems.append(f"{name}: spool full, reading paused")
-        if db["spool"]["dropped_records"]:
-            problems.append(f"{name}: spool full, {db['spool']['dropped_records']} document(s) "
-                            "dropped by when_full: drop_oldest")
-        if db["dead_lettered"]:
-            problems.append(f"{name}: {db['dead_lettered']} document(s) refused, see dead-letter.jsonl")
-        success = "never" if db["last_success"] is None else f"{_ago(now - db['last_success'])} ago"
-        database_lines.append(f"  {name:16} {state}; stored {db['stored']}, already there {db['conflicts']}, "
-                     f"queued {db['queued']}, spooled {db['spool_records']} "
-                     f"({_size(db['spool_bytes'])}), dead-lettered {db['dead_lettered']}; "
-                     f"last stored {success}")
-    head = (f"couchlog agent running (pid {snapshot['pid']}, up {_ago(now - snapshot['started_at'])}, "
-            f"{files} file(s) by {snapshot['watch']}); {_size(behind)} unread, "
-            f"{sum(d['queued'] for d in snapshot['databases'].values())} queued, "
-            f"{sum(d['spool_records'] for d in snapshot['databases'].values())} spooled")
-    health = "health: OK" if not problems else "health: DEGRADED\n" + "\n".join(
-        f"  - {p}" for p in problems)
-    text = "\n".join([head, health, "sources:", *source_lines, "databases:", *database_lines])
-    return text, EXIT_DEGRADED if problems else EXIT_OK
+        down = down_since(db, snapshot["started_at"])
+        state = "ok" if down is None else f"CouchDB not reachable since {_clock(down)}"
+        success = "never" if db["last_success"] is None else f"{_since(now, db['last_success'])} ago"
+        dead = db.get("last_dead_letter_at")
+        dead_text = f" (the last {_since(now, dead)} ago)" if dead is not None else ""
+        lines.append(f"  {name:16} {state}; stored {db['stored']}, already there "
+                     f"{db['conflicts']}, queued {db['queued']}, spooled {db['spool_records']} "
+                     f"({_size(db['spool_bytes'])}), dead-lettered {db['dead_lettered']}"
+                     f"{dead_text}; last stored {success}")
+        if down is not None and db["last_error"]:
+            lines.append(f"    error: {db['last_error']}")
+        elif db["last_error"] and "urls" not in db:
+            # No time comes with it: say only that documents were stored after it.
+            lines.append(f"    earlier error (documents stored since): {db['last_error']}")
+        for url in db.get("urls") or ():
+            lines.append("    " + _url_line(url, now))
+    return lines
+
+
+def _url_line(url: Mapping[str, Any], now: float) -> str:
+    """One CouchDB URL: in use or not, up/down (since when), and its last error with its age."""
+    use = "in use" if url["in_use"] else "standby"
+    if url["state"] == "down":
+        state = "down" if url["down_since"] is None else (
+            f"down since {_clock(url['down_since'])} ({_since(now, url['down_since'])})")
+    else:
+        state = url["state"]
+    error = ""
+    if url["last_error"] is not None:
+        when = ("at an unknown time" if url["last_error_at"] is None
+                else f"{_since(now, url['last_error_at'])} ago")
+        error = f"; last error {when}: {url['last_error']}"
+    return f"{redact_url(url['url'])}: {use}, {state}{error}"

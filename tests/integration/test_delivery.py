@@ -192,7 +192,7 @@ def test_d_spool_cap_reached_pauses_reading_and_loses_nothing(
     time.sleep(1)
     assert spooled_bytes(flow) <= cap
     wait_for(lambda: "spool full, reading paused" in agent_status(flow)[1], 10, "status to say so")
-    assert agent_status(flow)[0] == 1
+    assert agent_status(flow)[0] == 2  # CRITICAL
     snapshot = json.loads(agent_status(flow, "--json")[1])
     assert snapshot["databases"][database]["backpressure"] is True
     assert snapshot["sources"]["app"]["lag"] > 0
@@ -284,7 +284,7 @@ def test_documents_couchdb_refuses_go_to_the_dead_letter_file(
     assert {r["reason"] for r in records} == {"no secrets here"}
     assert sorted(r["doc"]["msg"] for r in records) == sorted(k for k in written if k[0] == "s")
     wait_for(lambda: "50 document(s) refused" in agent_status(flow)[1], 10, "status to say so")
-    assert agent_status(flow)[0] == 1
+    assert agent_status(flow)[0] == 2  # CRITICAL: refused within status.dead_letter_window
     flow.stop()
     flow.start()
     flow.wait_for(public)

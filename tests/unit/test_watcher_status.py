@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from agent import watcher as watcher_module
 from agent.config import Problem, SourceConfig, source_from_mapping
-from agent.status import EXIT_DEGRADED, EXIT_NOT_RUNNING, EXIT_OK, render
+from agent.status import EXIT_CRITICAL, EXIT_NOT_RUNNING, EXIT_OK, render
 from agent.tailer import Found, Skipped
 from agent.watcher import Watcher, excluded, scan, watch_roots
 
@@ -104,8 +104,8 @@ def test_status_says_healthy_and_how_far_behind() -> None:
 
 def test_status_says_what_is_wrong() -> None:
     text, code = render(snapshot(healthy=False, last_error="unreachable: refused",
-                                 backpressure=True), Path("/s"))
-    assert code == EXIT_DEGRADED
+                                 backpressure=True, spool_records=9), Path("/s"))
+    assert code == EXIT_CRITICAL  # the spool full, reading paused
     assert "log_app: unreachable: refused" in text and "spool full, reading paused" in text
 
 
