@@ -48,6 +48,18 @@ FLIGHT_CHECK = 0.05
 
 
 @dataclass(slots=True)
+class UrlStatus:
+    """What the shipper last saw of one CouchDB URL, for `agent status`."""
+
+    url: str
+    in_use: bool = False
+    state: Literal["up", "down", "unknown"] = "unknown"
+    down_since: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+@dataclass(slots=True)
 class ShipperStats:
     stored: int = 0
     conflicts: int = 0
@@ -63,6 +75,10 @@ class ShipperStats:
     health: str = Health.OK.value
     retrying: int = 0
     """Documents that got a per-document error and wait to be sent again."""
+    down_since: float | None = None
+    """Since when no URL takes documents (None while one does)."""
+    last_dead_letter_at: float | None = None
+    urls: list[UrlStatus] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +129,8 @@ class Shipper:
         self.failback_after = couchdb.failback_after
         self.acknowledge = acknowledge
         self.dead_letter = dead_letter
-        self.stats = ShipperStats()
+        self.stats = ShipperStats(urls=[UrlStatus(t.url) for t in self.targets])
+        self.stats.urls[0].in_use = True
         self.state = HealthState(targets=len(self.targets))
         self.budget = RetryBudget()
         self.in_hand: list[Document] = []
@@ -262,6 +279,7 @@ class Shipper:
                 raise Refused(index)
             kind = verdict(response.status, response.body)
             if kind in (Verdict.RESULTS, Verdict.SPLIT):
+                self._url_up(index)
                 return response
             error = f"HTTP {response.status} {describe(response.body)}"
             if kind is Verdict.MISSING and not created:
@@ -341,6 +359,8 @@ class Shipper:
             # With nothing spooled (an unwritable spool folder), `docs` are the probe.
             if self.healthy or not self.spool.pending:
                 docs = (await self._send(docs)).unsettled
+        # The documents went to CouchDB after a probe, not to the spool: reading may go on.
+        self._backpressure(False)
 
     async def _append(self, docs: list[Document]) -> bool:
         try:
@@ -390,6 +410,9 @@ class Shipper:
         self.stats.failures += 1
         self.stats.consecutive_failures = self.state.failures
         self.stats.health = self.state.health.value
+        if before.health is not Health.DOWN:
+            self.stats.down_since = time.time()
+        self._mark_in_use()
         now = time.monotonic()
         if self.state.target != before.target:
             self._next_failback = now + self.failback_after
@@ -405,6 +428,7 @@ class Shipper:
                           after_failures=before.failures, spooled=self.spool.pending)
         self.stats.consecutive_failures = 0
         self.stats.health = self.state.health.value
+        self.stats.down_since = None
 
     def _start_failback_probe(self) -> None:
         """While a later URL is in use, check the first one every `failback_after` seconds,
@@ -418,11 +442,22 @@ class Shipper:
     async def _failback_probe(self) -> None:
         if await self.client.up(self.targets[0]) and self.state.target:
             self.state = self.state.failed_back()
+            self._url_up(0)
+            self._mark_in_use()
             self.log.info("couchdb_failback", url=self.targets[0].url)
+
+    def _url_up(self, index: int) -> None:
+        url = self.stats.urls[index]
+        url.state, url.down_since = "up", None
+
+    def _mark_in_use(self) -> None:
+        for index, url in enumerate(self.stats.urls):
+            url.in_use = index == self.state.target
 
     async def _dead_letter(self, rejections: list[Rejection]) -> None:
         await asyncio.to_thread(self.dead_letter.append, self.database, rejections)
         self.stats.dead_lettered += len(rejections)
+        self.stats.last_dead_letter_at = time.time()
         self.log.error("documents_dead_lettered", count=len(rejections),
                        error=rejections[0].error, reason=rejections[0].reason,
                        first_id=rejections[0].doc.doc_id, file=str(self.dead_letter.path))
@@ -445,6 +480,11 @@ class Shipper:
     def _failed(self, target: Endpoint, kind: str, error: str, loud: bool = False,
                 action: str | None = None) -> None:
         self.stats.last_error = f"{kind}: {error}"
+        url = self.stats.urls[self.targets.index(target)]
+        now = time.time()
+        if url.state != "down":
+            url.state, url.down_since = "down", now
+        url.last_error, url.last_error_at = f"{kind}: {error}", now
         first = self.stats.consecutive_failures == 0
         if loud or first:
             action = action or "documents are spooled and CouchDB is retried with backoff"

@@ -4,6 +4,7 @@ UNKNOWN for a stuck or stopped agent), and every line written still stored exact
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -19,7 +21,7 @@ from tests.agentproc import wait_for
 from tests.couch import CouchDB
 from tests.faultproxy import FaultProxy
 from tests.integration.harness import Pipeline, append, numbered
-from tests.integration.test_delivery import flow_via
+from tests.integration.test_delivery import flow_via, through
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +167,30 @@ def test_dead_letters_are_critical_within_the_window_across_a_restart(
     set_status_keys(flow, dead_letter_window="1s")
     wait_for_status(flow, OK, "COUCHLOG OK - ")
     flow.stop()
+
+
+def test_failed_over_is_a_warning_naming_the_url_in_use(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
+        proxy: FaultProxy) -> None:
+    """The first URL dead for the whole run: documents flow through the second, and status says
+    WARNING (not OK, as a 3-node outage showed before), with each URL's state in the snapshot."""
+    proxy.set("reset")
+    first, second = through(proxy, couchdb_url), couchdb_url
+    flow = Pipeline(tmp_path, couch, first, database,
+                    [{"name": "app", "paths": [str(logs / "app.log")]}],
+                    couchdb={"url": [first, second], "request_timeout": "1s",
+                             "failback_after": "1h"}).start()
+    written = append(logs / "app.log", numbered("failover", 0, 500))
+    flow.wait_for(written)
+    wait_for_status(flow, WARNING, "COUCHLOG WARNING - ")
+    code, text = status(flow)
+    assert code == WARNING
+    done = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "-c",
+                           str(flow.config)], capture_output=True, text=True, timeout=30)
+    urls = json.loads(done.stdout)["databases"][database]["urls"]
+    assert [(u["in_use"], u["state"]) for u in urls] == [(False, "down"), (True, "up")], urls
+    assert urls[0]["down_since"] and urls[0]["last_error"].startswith("unreachable")
+    password = urlsplit(couchdb_url).password
+    assert not password or password not in done.stdout + text
+    flow.stop()
+    assert flow.messages() == Counter(written)
