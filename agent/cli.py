@@ -19,6 +19,7 @@ import orjson
 import structlog
 
 from agent import config as config_module
+from agent import report as report_module
 from agent import send as send_module
 from agent import setup as setup_module
 from agent.config import DEFAULT_CONFIG_PATH, ConfigError, LogLevel, Problem, SourceConfig
@@ -107,7 +108,10 @@ def _arguments() -> argparse.ArgumentParser:
 def _setup(args: argparse.Namespace) -> int:
     path = _config_path(args)
     config = config_module.load(path) if args.config is not None or path.exists() else None
-    return setup_module.command(args, config)
+    # Every log database gets the shipped reports; the dashboard has a database of its own.
+    return setup_module.command(args, config,
+                                design_documents=list(report_module.design_documents().values()),
+                                dashboard_documents=[report_module.dashboard_document()])
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -310,36 +314,37 @@ def _report_arguments(command: Any) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from agent import report
-
-    url, database = args.url, args.db
+    url, database, user, password_file = args.url, args.db, args.user, args.password_file
     if args.config is not None:
-        config = config_module.load(args.config)
+        # A reader needs neither the agent's password nor to be allowed to read it.
+        config = config_module.load(args.config, need_secret=False)
         url = url or config.couchdb.urls[0]
         databases = {source.database for source in config.sources}
         if database is None and len(databases) == 1:
             database = databases.pop()
+        if user is None and config.reader.username is not None:
+            user, password_file = config.reader.username, password_file or config.reader.password_file
     password = None
-    if args.password_file is not None:
+    if password_file is not None:
         try:
-            password = args.password_file.read_text(encoding="utf-8").splitlines()[0]
+            password = password_file.read_text(encoding="utf-8").splitlines()[0]
         except (OSError, IndexError) as exc:
-            print(f"agent report: cannot read a password from {args.password_file}: "
+            print(f"agent report: cannot read a password from {password_file}: "
                   f"{getattr(exc, 'strerror', None) or 'empty file'}", file=sys.stderr)
             return EXIT_CONFIG
     if url is None:
         print("agent report: no server: give --url URL or -c CONFIG", file=sys.stderr)
         return EXIT_CONFIG
     tty = sys.stdout.isatty()
-    options = report.Options(
-        name=args.name, url=url, database=database, user=args.user, password=password,
+    options = report_module.Options(
+        name=args.name, url=url, database=database, user=user, password=password,
         install=args.install, dashboard=args.dashboard, list_only=args.list,
         group_level=args.group_level, by=args.by, since=args.since, until=args.until,
         field_name=args.field, top=args.top, format=args.format or ("table" if tty else "csv"),
         stale=args.stale == "ok", colour=tty and "NO_COLOR" not in os.environ)
     try:
-        return report.command(options, sys.stdout, sys.stderr)
-    except report.ReportError as exc:
+        return report_module.command(options, sys.stdout, sys.stderr)
+    except report_module.ReportError as exc:
         print(f"agent report: {exc}", file=sys.stderr)
         return EXIT_CONFIG if exc.usage else EXIT_FAILURE
 

@@ -420,6 +420,17 @@ class StatusConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReaderConfig:
+    """The login `agent report` reads as (a couchlog_reader user); the agent never uses it."""
+
+    username: str | None = key(_string, None, "user `agent report` reads as (a member of "
+                               "couchlog_reader)", shown="none (give --user)")
+    password_file: Path | None = key(_path, None, "file holding that user's password (its first "
+                                     "line), relative to the main file's folder",
+                                     shown="none (give --password-file)")
+
+
+@dataclass(frozen=True, slots=True)
 class MultilineConfig:
     """A line matching `start` opens an event; other lines join the current one."""
 
@@ -507,6 +518,7 @@ class AgentConfig:
                                     "was down")
     spool: SpoolConfig = section(SpoolConfig, "spool")
     status: StatusConfig = section(StatusConfig, "status")
+    reader: ReaderConfig = section(ReaderConfig, "reader")
     sources: tuple[SourceConfig, ...] = ()
     warnings: tuple[Problem, ...] = ()
     """Things that work but should be fixed (a password others can read); `agent check` prints
@@ -717,8 +729,11 @@ def load(path: Path, need_secret: bool = True) -> AgentConfig:
     sources = _load_sources(sources_dir, problems)
     if problems or made is None or couchdb is None:
         raise ConfigError(problems)
+    reader = made.reader
+    if reader.password_file is not None:
+        reader = replace(reader, password_file=base / reader.password_file)
     return replace(made, couchdb=couchdb, state_dir=base / made.state_dir, sources_dir=sources_dir,
-                   host=made.host or socket.gethostname(), sources=sources,
+                   host=made.host or socket.gethostname(), sources=sources, reader=reader,
                    warnings=tuple(warnings))
 
 

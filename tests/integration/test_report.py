@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
+import yaml
 
 from agent.report import design_documents
 from bench import fail2ban_log
@@ -270,3 +271,22 @@ def test_server_and_database_from_the_config(installed: tuple[str, Expected, Pat
     assert refused.returncode == 1 and "401" in refused.stderr and "not-the-password" not in \
         refused.stderr + refused.stdout
     assert database in (root / "etc" / "conf.d" / "fail2ban.yaml").read_text()
+    # The config's reader.* keys name who asks when --user is not given.
+    main = root / "etc" / "agent.yaml"
+    settings = yaml.safe_load(main.read_text())
+    main.write_text(yaml.safe_dump({**settings, "reader": {"username": READER,
+                                                            "password_file": str(root / "reader")}}))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "agent", "report", "attacks", "--group-level", "1", "--format",
+             "json", "-c", str(main)], capture_output=True, text=True, timeout=120, check=False)
+        main.write_text(yaml.safe_dump({**settings, "reader": {"username": READER,
+                                                                "password_file": str(wrong)}}))
+        refused = subprocess.run(
+            [sys.executable, "-m", "agent", "report", "attacks", "-c", str(main)],
+            capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        main.write_text(yaml.safe_dump(settings))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"key": ["server"], "value": expected.kept}]
+    assert refused.returncode == 1 and "401" in refused.stderr

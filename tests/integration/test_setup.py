@@ -67,7 +67,9 @@ def snapshot(couch: CouchDB, scene: Scene) -> dict[str, Any]:
     """Everything setup writes for these databases and users, revisions included."""
     paths = [f"/_users/org.couchdb.user:{a.name}" for a in scene.accounts]
     for db in scene.dbs:
-        paths += [f"/{db}", f"/{db}/_security", f"/{db}/_design/couchlog_validate"]
+        paths += [f"/{db}", f"/{db}/_security", f"/{db}/_design/couchlog_validate",
+                  f"/{db}/_design/report", f"/{db}/_design/couchlog"]
+    paths += ["/couchlog_dashboard/_security", "/couchlog_dashboard/_design/dashboard"]
     result = {}
     for path in paths:
         status, body = couch.request("GET", path)
