@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from agent.patterns import Pattern, compile_fields_regex, compile_pattern
 from agent.schema import SchemaError, compile_schema
 
 DEFAULT_CONFIG_PATH = Path("/etc/couchlog/agent.yaml")
 SOURCE_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 DATABASE_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
-_NAMED_GROUP_PCRE = re.compile(r"(?<!\\)((?:\\\\)*)\(\?<(?=[A-Za-z_])")
 
 Format = Literal["schema", "regex", "json"]
 OnParseError = Literal["ship", "drop"]
@@ -91,10 +91,10 @@ class SourceConfig:
     file: Path | str
     database: str
     paths: tuple[str, ...]
-    include: tuple[re.Pattern[str], ...]
-    exclude: tuple[re.Pattern[str], ...]
+    include: tuple[Pattern, ...]
+    exclude: tuple[Pattern, ...]
     format: Format
-    pattern: re.Pattern[str] | None
+    pattern: Pattern | None
     fields: Mapping[str, str]
     on_parse_error: OnParseError
     metadata_key: str
@@ -111,7 +111,7 @@ class SourceConfig:
 class MultilineConfig:
     """A line matching `start` opens an event; other lines join the current one."""
 
-    start: re.Pattern[str]
+    start: Pattern
     timeout: float
     max_bytes: int
 
@@ -192,20 +192,20 @@ def _string_list(value: Any) -> tuple[str, ...]:
     return tuple(_string(item) for item in value)
 
 
-def _regex_list(value: Any) -> tuple[re.Pattern[str], ...]:
+def _regex_list(value: Any) -> tuple[Pattern, ...]:
     patterns = []
     for index, text in enumerate(_string_list(value)):
         try:
-            patterns.append(re.compile(text))
+            patterns.append(compile_pattern(text))
         except re.error as exc:
             raise ValueError(f"item {index}: invalid regular expression {text!r}: {exc}") from None
     return tuple(patterns)
 
 
-def _regex(value: Any) -> re.Pattern[str]:
+def _regex(value: Any) -> Pattern:
     text = _string(value)
     try:
-        return re.compile(text)
+        return compile_pattern(text)
     except re.error as exc:
         raise ValueError(f"invalid regular expression {text!r}: {exc}") from None
 
@@ -576,7 +576,7 @@ def _absolute(globs: Sequence[str], base: Path | None, keep_relative: bool = Fal
                  else str(base / g) for g in globs)
 
 
-def _parser_choice(src: _Reader) -> tuple[Format, re.Pattern[str] | None]:
+def _parser_choice(src: _Reader) -> tuple[Format, Pattern | None]:
     chosen = [key for key in ("schema", "regex", "format") if src[key] is not None]
     if len(chosen) != 1:
         given = ", ".join(chosen) if chosen else "none"
@@ -597,12 +597,9 @@ def _parser_choice(src: _Reader) -> tuple[Format, re.Pattern[str] | None]:
     return "json", None
 
 
-def compile_regex(text: str) -> re.Pattern[str]:
+def compile_regex(text: str) -> Pattern:
     """Compile a regex, accepting the PCRE/Onigmo `(?<name>...)` spelling of named groups."""
-    pattern = re.compile(_NAMED_GROUP_PCRE.sub(r"\1(?P<", text))
-    if not pattern.groupindex:
-        raise re.error("it has no named group; name each field, e.g. (?P<ip>\\S+)")
-    return pattern
+    return compile_fields_regex(text)
 
 
 def _code(text: str) -> str:
