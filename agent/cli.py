@@ -23,6 +23,7 @@ from agent.config import DEFAULT_CONFIG_PATH, ConfigError, Problem, SourceConfig
 from agent.counters import SourceCounters
 from agent.lines import LineSplitter
 from agent.parser import SourceParser
+from agent.patterns import fallback_warnings
 from agent.types import Lines
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
@@ -137,6 +138,11 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{source.name}: {parser}, include {len(source.include)}, exclude "
               f"{len(source.exclude)}, {len(source.fields)} static fields -> {source.database}; "
               f"{len(source.paths)} glob(s), {len(files)} file(s) now  [{source.file}]")
+        for warning in fallback_warnings({
+                "regex": [source.pattern] if source.format == "regex" else [],
+                "include": source.include, "exclude": source.exclude,
+                "multiline.start": [source.multiline.start] if source.multiline else []}):
+            print(f"warning: {source.name}: {warning}  [{source.file}]", file=sys.stderr)
     urls = ", ".join(_redact(u) for u in config.couchdb.urls)
     print(f"ok: {len(config.sources)} source(s), CouchDB {urls}, state in {config.state_dir}")
     return EXIT_OK
