@@ -278,7 +278,7 @@ def _byte_filters(source: SourceConfig) -> tuple[tuple[bytes, ...], tuple[bytes,
 def _extractor(source: SourceConfig, rename: Callable[[str], str]) -> Extractor:
     """Choose the extraction function once, at construction, as structlog's processors do."""
     if source.format == "json":
-        return _json_fields(rename)
+        return _json_fields(rename, source.metadata_key)
     assert source.pattern is not None, "config validation guarantees a compiled pattern"
     return _pattern_fields(source.pattern, source.format == "schema", rename)
 
@@ -307,7 +307,8 @@ def _pattern_fields(pattern: Pattern, schema: bool,
     return extract
 
 
-def _json_fields(rename: Callable[[str], str]) -> Extractor:
+def _json_fields(rename: Callable[[str], str], meta_key: str) -> Extractor:
+    risky = ("_", RENAME_PREFIX, meta_key)
     def extract(text: str) -> tuple[dict[str, Any], str | None]:
         try:
             value = orjson.loads(text)
@@ -320,8 +321,10 @@ def _json_fields(rename: Callable[[str], str]) -> Extractor:
                 orjson.dumps(value)
             except TypeError as exc:
                 return {}, f"JSON that cannot be stored: {exc}"
-        if any(rename(k) != k for k in value):
-            value = {rename(k): v for k, v in value.items()}
+        for key in value:
+            # One C call per key; `rename` only runs for a name that may be moved.
+            if key.startswith(risky) and rename(key) != key:
+                return {rename(k): v for k, v in value.items()}, None
         return value, None
 
     return extract

@@ -63,22 +63,35 @@ class _Token:
 
 def compile_schema(schema: str) -> Pattern:
     """Return an anchored pattern with one named group per `$name` of `schema`."""
+    texts = schema_texts(schema)
+    return linear_re(texts.re) if texts.linear_on_re else compile_pattern(texts.re2)
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaTexts:
+    """A schema's regex for `re` (atomic tokens) and for RE2 (same matches), and whether the
+    first is linear-time (at most one lazy capture per token)."""
+
+    re: str
+    re2: str
+    linear_on_re: bool
+
+
+def schema_texts(schema: str) -> SchemaTexts:
     tokens = schema.split()
     if not tokens:
         raise SchemaError("the schema is empty; write at least one token, e.g. '$date $message...'")
     seen: set[str] = set()
     parts = [_compile_token(token, index == len(tokens) - 1, seen)
              for index, token in enumerate(tokens)]
-    if all(part.lazy <= 1 for part in parts):
-        return linear_re("^" + r"\s+".join(
-            "(?>" + p.text.format(S=r"\S") + (r"(?!\S)" if p.ends_in_literal else "") + ")"
-            for p in parts))
+    on_re = "^" + r"\s+".join(
+        "(?>" + p.text.format(S=r"\S") + (r"(?!\S)" if p.ends_in_literal else "") + ")"
+        for p in parts)
     # On RE2: a token ending in literal text is followed by whitespace (the separator) or, for
     # the last one, by whitespace or the end, which is what the lookahead says on `re`.
-    last = parts[-1]
-    tail = f"(?:{_RE2_SPACE}|$)" if last.ends_in_literal else ""
-    return compile_pattern("^" + f"{_RE2_SPACE}+".join(p.text.format(S=_RE2_NOT_SPACE)
-                                                       for p in parts) + tail)
+    tail = f"(?:{_RE2_SPACE}|$)" if parts[-1].ends_in_literal else ""
+    on_re2 = "^" + f"{_RE2_SPACE}+".join(p.text.format(S=_RE2_NOT_SPACE) for p in parts) + tail
+    return SchemaTexts(on_re, on_re2, all(part.lazy <= 1 for part in parts))
 
 
 def _compile_token(token: str, is_last: bool, seen: set[str]) -> _Token:
