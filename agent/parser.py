@@ -309,6 +309,7 @@ def _pattern_fields(pattern: Pattern, schema: bool,
 
 def _json_fields(rename: Callable[[str], str], meta_key: str) -> Extractor:
     risky = ("_", RENAME_PREFIX, meta_key)
+
     def extract(text: str) -> tuple[dict[str, Any], str | None]:
         try:
             value = orjson.loads(text)
