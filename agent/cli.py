@@ -26,6 +26,7 @@ from agent.config import DEFAULT_CONFIG_PATH, ConfigError, LogLevel, Problem, So
 from agent.counters import SourceCounters
 from agent.lines import LineSplitter
 from agent.parser import SourceParser
+from agent.patterns import fallback_warnings
 from agent.types import Lines
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
@@ -182,6 +183,11 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{source.name}: {parser}, include {len(source.include)}, exclude "
               f"{len(source.exclude)}, {len(source.fields)} static fields -> {source.database}; "
               f"{len(source.paths)} glob(s), {len(files)} file(s) now  [{source.file}]")
+        for slow in fallback_warnings({
+                "regex": [source.pattern] if source.format == "regex" else [],
+                "include": source.include, "exclude": source.exclude,
+                "multiline.start": [source.multiline.start] if source.multiline else []}):
+            print(f"warning: {source.name}: {slow}  [{source.file}]", file=sys.stderr)
     # The URLs carry no credentials (config took them off); redact anyway, as a second guard.
     couchdb = config.couchdb
     urls = ", ".join(config_module.redact_url(u) for u in couchdb.urls)

@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from agent.patterns import Pattern, compile_fields_regex, compile_pattern
 from agent.schema import SchemaError, compile_schema
 
 DEFAULT_CONFIG_PATH = Path("/etc/couchlog/agent.yaml")
@@ -38,7 +39,6 @@ DEFAULT_STATE_DIR = Path("/var/lib/couchlog")
 PASSWORD_ENV = "COUCHLOG_PASSWORD"
 SOURCE_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 DATABASE_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
-_NAMED_GROUP_PCRE = re.compile(r"(?<!\\)((?:\\\\)*)\(\?<(?=[A-Za-z_])")
 
 Format = Literal["schema", "regex", "json"]
 OnParseError = Literal["ship", "drop"]
@@ -164,7 +164,7 @@ def _string_list(value: object) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _regex_list(value: Any) -> tuple[re.Pattern[str], ...]:
+def _regex_list(value: Any) -> tuple[Pattern, ...]:
     patterns = []
     for index, text in enumerate(_string_list(value)):
         try:
@@ -174,7 +174,7 @@ def _regex_list(value: Any) -> tuple[re.Pattern[str], ...]:
     return tuple(patterns)
 
 
-def _regex(value: Any) -> re.Pattern[str]:
+def _regex(value: Any) -> Pattern:
     text = _string(value)
     try:
         return compile_regex(text, named_groups=False)
@@ -434,7 +434,7 @@ class ReaderConfig:
 class MultilineConfig:
     """A line matching `start` opens an event; other lines join the current one."""
 
-    start: re.Pattern[str] = required(_regex, "regex that starts a new event; other lines are "
+    start: Pattern = required(_regex, "regex that starts a new event; other lines are "
                                       "appended to the current event with \\n (e.g. '^\\[\\d{4}-')")
     timeout: float = key(_duration, 1.0, "seconds after which the last event is shipped if no "
                          "line follows")
@@ -461,13 +461,13 @@ class SourceConfig:
     database: str = key(_string, "", "database the documents go to", shown="log_<name>")
     paths: tuple[str, ...] = required(_string_list, "globs of files to follow (** matches "
                                       "folders), relative to the source file's folder")
-    include: tuple[re.Pattern[str], ...] = key(_regex_list, (), "keep a line only if it matches "
+    include: tuple[Pattern, ...] = key(_regex_list, (), "keep a line only if it matches "
                                                "every one of these regexes")
-    exclude: tuple[re.Pattern[str], ...] = key(_regex_list, (), "drop a line that matches any of "
+    exclude: tuple[Pattern, ...] = key(_regex_list, (), "drop a line that matches any of "
                                                "these regexes")
     parser_keys: _ParserKeys = section(_ParserKeys, "")
     format: Format = "json"
-    pattern: re.Pattern[str] | None = None
+    pattern: Pattern | None = None
     fields: Mapping[str, str] = key(_string_map, {}, "static fields added to every document "
                                     "(quote values YAML would read as numbers)")
     on_parse_error: OnParseError = key(_Choice(OnParseError), "ship", "a line that does not parse "
@@ -897,7 +897,7 @@ def _absolute(globs: Sequence[str], base: Path | None, keep_relative: bool = Fal
                  else str(base / g) for g in globs)
 
 
-def _parser_choice(src: _File, keys: _ParserKeys) -> tuple[Format, re.Pattern[str] | None]:
+def _parser_choice(src: _File, keys: _ParserKeys) -> tuple[Format, Pattern | None]:
     chosen = [name for name in ("schema", "regex", "format") if getattr(keys, name) is not None]
     if len(chosen) != 1:
         given = ", ".join(chosen) if chosen else "none"
@@ -918,14 +918,12 @@ def _parser_choice(src: _File, keys: _ParserKeys) -> tuple[Format, re.Pattern[st
     return "json", None
 
 
-def compile_regex(text: str, named_groups: bool = True) -> re.Pattern[str]:
+def compile_regex(text: str, named_groups: bool = True) -> Pattern:
     """Compile a user's regex: the one place they all are compiled (regex, include, exclude,
-    multiline.start). Accepts the PCRE/Onigmo `(?<name>...)` spelling of named groups; a
-    `regex` key's pattern must name its groups (`named_groups`)."""
-    pattern = re.compile(_NAMED_GROUP_PCRE.sub(r"\1(?P<", text))
-    if named_groups and not pattern.groupindex:
-        raise re.error("it has no named group; name each field, e.g. (?P<ip>\\S+)")
-    return pattern
+    multiline.start), on the engine agent.patterns chooses (RE2, else time-bounded). Accepts the
+    PCRE/Onigmo `(?<name>...)` spelling of named groups; a `regex` key's pattern must name its
+    groups (`named_groups`)."""
+    return compile_fields_regex(text) if named_groups else compile_pattern(text)
 
 
 # -- checks that look outside the configuration

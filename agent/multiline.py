@@ -11,13 +11,12 @@ or is truncated, so events never span files. An event larger than
 
 from __future__ import annotations
 
-import re
-
+from agent.patterns import Pattern, PatternTimeout
 from agent.types import Lines, RawLine
 
 
 class MultilineAssembler:
-    def __init__(self, start: re.Pattern[str], max_bytes: int, encoding: str = "utf-8") -> None:
+    def __init__(self, start: Pattern, max_bytes: int, encoding: str = "utf-8") -> None:
         self.start = start
         self.max_bytes = max_bytes
         self.encoding = encoding
@@ -44,7 +43,12 @@ class MultilineAssembler:
         return self._emit() if self._parts else None
 
     def _starts_event(self, data: bytes) -> bool:
-        return self.start.search(data.decode(self.encoding, errors="replace")) is not None
+        try:
+            return self.start.search(data.decode(self.encoding, errors="replace")) is not None
+        except PatternTimeout:
+            # A line the start pattern cannot judge in time opens an event: events may be cut
+            # there, but no line is lost or held.
+            return True
 
     def _append(self, line: RawLine) -> None:
         if not self._parts:

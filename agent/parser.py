@@ -9,7 +9,6 @@ dropped when the source says so), filtered, or empty.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +17,19 @@ import orjson
 
 from agent.config import SourceConfig
 from agent.counters import SourceCounters
+from agent.patterns import Pattern
 from agent.types import Document, FileId, Lines, SourceFile
 
 RENAME_PREFIX = "x"
 """Prefix given to a field whose name CouchDB reserves (`_id` → `x_id`) or that
-clashes with the metadata key."""
+clashes with the metadata key; see `renamer` for why nothing collides."""
+
+ERROR_TEXT_CHARS = 300
+"""An unexpected error's text in `parse_error` is cut to this many characters."""
+
+JSON_NESTING_CHECK = 200
+"""A JSON line with more brackets than this may nest deeper than orjson can encode (254 levels;
+it decodes 1,024), so it is test-encoded before it is accepted."""
 
 
 def id_prefix(source: str, file_id: FileId | str) -> str:
@@ -70,6 +77,7 @@ class SourceParser:
         self._static = dict(source.fields)
         self._meta_key = source.metadata_key
         self._encoding = source.encoding
+        self._rename = renamer(source.metadata_key)
         self._message_key = self._rename("message")
         self._extract = _extractor(source, self._rename)
         self._byte_include, self._byte_exclude, self._all_literal = _byte_filters(source)
@@ -113,10 +121,15 @@ class SourceParser:
             if not text.strip():
                 counters.empty += 1
                 continue
-            if not checked and not self._kept(text):
-                counters.filtered += 1
-                continue
-            fields, error = extract(text)
+            try:
+                if not checked and not self._kept(text):
+                    counters.filtered += 1
+                    continue
+                fields, error = extract(text)
+            except Exception as exc:
+                # Bad input is data, never a crash (design.md 6): a pattern over its time limit,
+                # or anything unforeseen, and this line ships raw.
+                fields, error = {}, _failure("cannot parse this line", exc)
             if error is None:
                 counters.matched += 1
             else:
@@ -149,11 +162,20 @@ class SourceParser:
             offset = offsets[i]
             doc_id = f"{prefix}{offset:012x}"
             fields["_id"] = doc_id
+            try:
+                encoded = dumps(fields)
+            except Exception as exc:
+                # JSON nested past orjson's limit, say: one line must never stop the agent.
+                raw, error = self._unencodable(lines.data[i], exc, error)
+                if raw is None:
+                    continue
+                raw["_id"] = doc_id
+                encoded = dumps(raw)
             cut = i in truncated
             tail = b"}}" if error is None and not cut else _meta_notes(error, cut)
             # Slicing copies orjson's output to its size: orjson returns its whole buffer
             # (4 KiB for a 300-byte document), and a full queue would hold ten times its cap.
-            body = b"%b%b%d%b" % (dumps(fields)[:-1], meta_head, offset, tail)
+            body = b"%b%b%d%b" % (encoded[:-1], meta_head, offset, tail)
             docs.append(Document(doc_id, body, file, ends[i]))
         return docs
 
@@ -167,6 +189,20 @@ class SourceParser:
             self.counters.nul_bytes += 1
         return text
 
+    def _unencodable(self, data: bytes, exc: Exception,
+                     error: str | None) -> tuple[dict[str, Any] | None, str]:
+        """The raw document for a line whose fields cannot be encoded (or None if unmatched lines
+        are dropped), with its line recounted from matched to unmatched."""
+        if error is None:
+            self.counters.matched -= 1
+            self.counters.unmatched += 1
+        reason = _failure("cannot encode this line's fields", exc)
+        if self.source.on_parse_error == "drop":
+            self.counters.dropped_unmatched += 1
+            return None, reason
+        text = data.decode(self._encoding, errors="replace")
+        return {self._message_key: text, **self._static}, reason
+
     def _kept(self, text: str) -> bool:
         """Every include matches and no exclude does (plain loops: this runs for every line)."""
         for pattern in self._include:
@@ -177,9 +213,32 @@ class SourceParser:
                 return False
         return True
 
-    def _rename(self, name: str) -> str:
-        """A name CouchDB reserves (leading `_`), or the metadata key, gets a prefix."""
-        return RENAME_PREFIX + name if name.startswith("_") or name == self._meta_key else name
+
+def renamer(meta_key: str) -> Callable[[str], str]:
+    """The renaming of field names, the same for JSON keys, regex groups and schema names.
+
+    A name CouchDB reserves (leading `_`) or the metadata key, preceded by any number of
+    `x`s (`_id`, `x_id`, `xx_id`, `agent`, `xagent`), gets one more `x`; every other name is
+    kept. It cannot merge two fields: it is one-to-one (adding a prefix is), and it maps
+    those names among themselves and every other name to itself. No result starts with `_`
+    or is the metadata key."""
+    prefix, skip = RENAME_PREFIX, len(RENAME_PREFIX)
+
+    def moved(name: str) -> bool:
+        while not (name.startswith("_") or name == meta_key):
+            if not name.startswith(prefix):
+                return False
+            name = name[skip:]
+        return True
+
+    def rename(name: str) -> str:
+        return prefix + name if moved(name) else name
+
+    return rename
+
+
+def _failure(what: str, exc: Exception) -> str:
+    return f"{what}: {type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS]
 
 
 Extractor = Callable[[str], tuple[dict[str, Any], str | None]]
@@ -200,9 +259,10 @@ def _byte_filters(source: SourceConfig) -> tuple[tuple[bytes, ...], tuple[bytes,
     if source.encoding not in BYTE_FILTER_ENCODINGS:
         return (), (), False
 
-    def literal(pattern: re.Pattern[str]) -> bytes | None:
+    def literal(pattern: Pattern) -> bytes | None:
+        # Config compiles patterns from their text alone, so a flag is always inline syntax.
         text = pattern.pattern
-        if pattern.flags & ~re.UNICODE or REGEX_SYNTAX.intersection(text) or not text:
+        if REGEX_SYNTAX.intersection(text) or not text:
             return None
         try:
             return text.encode(source.encoding)
@@ -218,12 +278,12 @@ def _byte_filters(source: SourceConfig) -> tuple[tuple[bytes, ...], tuple[bytes,
 def _extractor(source: SourceConfig, rename: Callable[[str], str]) -> Extractor:
     """Choose the extraction function once, at construction, as structlog's processors do."""
     if source.format == "json":
-        return _json_fields(rename)
+        return _json_fields(rename, source.metadata_key)
     assert source.pattern is not None, "config validation guarantees a compiled pattern"
     return _pattern_fields(source.pattern, source.format == "schema", rename)
 
 
-def _pattern_fields(pattern: re.Pattern[str], schema: bool,
+def _pattern_fields(pattern: Pattern, schema: bool,
                     rename: Callable[[str], str]) -> Extractor:
     find = pattern.match if schema else pattern.search
     error = f"line does not match the {'schema' if schema else 'regex'}"
@@ -247,7 +307,9 @@ def _pattern_fields(pattern: re.Pattern[str], schema: bool,
     return extract
 
 
-def _json_fields(rename: Callable[[str], str]) -> Extractor:
+def _json_fields(rename: Callable[[str], str], meta_key: str) -> Extractor:
+    risky = ("_", RENAME_PREFIX, meta_key)
+
     def extract(text: str) -> tuple[dict[str, Any], str | None]:
         try:
             value = orjson.loads(text)
@@ -255,8 +317,15 @@ def _json_fields(rename: Callable[[str], str]) -> Extractor:
             return {}, f"invalid JSON: {exc}"
         if not isinstance(value, dict):
             return {}, f"expected a JSON object, got {type(value).__name__}"
-        if any(rename(k) != k for k in value):
-            value = {rename(k): v for k, v in value.items()}
+        if len(text) > JSON_NESTING_CHECK and text.count("{") + text.count("[") > JSON_NESTING_CHECK:
+            try:
+                orjson.dumps(value)
+            except TypeError as exc:
+                return {}, f"JSON that cannot be stored: {exc}"
+        for key in value:
+            # One C call per key; `rename` only runs for a name that may be moved.
+            if key.startswith(risky) and rename(key) != key:
+                return {rename(k): v for k, v in value.items()}, None
         return value, None
 
     return extract
