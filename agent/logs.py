@@ -1,4 +1,9 @@
-"""Agent logging: structlog, one event per line, JSON in production and readable on a terminal."""
+"""Agent logging: structlog, one event per line, JSON in production and readable on a terminal.
+
+The standard library's logging (watchdog, asyncio, aiohttp) and Python's
+warnings go through the same renderer, so that every line of a JSON log is
+JSON: a plain-text line from a library would break whoever parses the log.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +21,12 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if console else structlog.processors.JSONRenderer()
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             renderer,
@@ -30,3 +36,18 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            structlog.processors.add_log_level,
+            timestamper,
+            structlog.processors.format_exc_info,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    # Replace, not add: configuring twice (tests run the CLI in-process) must not print twice.
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)
