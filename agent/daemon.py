@@ -47,7 +47,7 @@ from agent.queue import DocumentQueue
 from agent.shipper import Shipper, endpoints
 from agent.spool import Spool
 from agent.status import StatusFile
-from agent.supervisor import Failures, describe
+from agent.supervisor import Failures, Part, describe
 from agent.tailer import Tailer, TailerSet
 from agent.types import Lines, LineSink, SourceFile
 from agent.watcher import Watcher
@@ -67,10 +67,11 @@ STATUS_FILES = 10
 """Files listed by name in the status snapshot: the ones furthest behind."""
 FORGET_AFTER = 24 * 3600.0
 """Offsets of a file no tailer follows are kept this long, then pruned."""
-READ_BUDGET_CHUNKS = 4
+READ_BUDGET_CHUNKS = 2
 """Chunks (tailer.READ_CHUNK each) read but not yet queued, across all files: a chunk becomes
 about four times its size in documents, and a thousand files catching up at once must not
-each hold one (issue 13 item 7). Four keep one file's reading and parsing overlapped."""
+each hold one (issue 13 item 7). Two let one file's read run in its thread while another's
+chunk is parsed; one file alone never holds more than one."""
 STABLE_AFTER = 10.0
 """Seconds a restarted shipper or watcher must run without failing to count as recovered."""
 TASKS_WAIT = 5.0
@@ -351,8 +352,7 @@ class Agent:
             path = tailer.path if tailer is not None else "?"
             position = tailer.reference()[0] if tailer is not None else 0
             failure = self.failures.failed(("file", source, path), describe(exc), time.time(),
-                                           position)
-            failure.holder = tailer
+                                           position, holder=tailer)
             log.error("tailer_failed", source=source, path=path, error=failure.error,
                       failures=failure.count, retry_in=round(failure.retry_at - time.time(), 1),
                       action="this file is read again from its last committed offset after "
@@ -360,8 +360,7 @@ class Agent:
                       "or mount it is on", exc_info=not isinstance(exc, OSError))
             await asyncio.sleep(max(failure.retry_at - time.time(), 0.0))
 
-    async def _keep_running(self, key: tuple[str, ...],
-                            run: Callable[[], Awaitable[None]]) -> None:
+    async def _keep_running(self, part: Part, run: Callable[[], Awaitable[None]]) -> None:
         """Run a part that runs until cancelled (a shipper, the watcher), and start it again
         after a backoff whenever it fails."""
         while True:
@@ -369,10 +368,10 @@ class Agent:
                 await run()
                 return
             except Exception as exc:
-                failure = self.failures.failed(key, describe(exc), time.time())
-                log.error(f"{key[0]}_failed", **_where(key), error=failure.error, failures=failure.count,
-                          retry_in=round(failure.retry_at - time.time(), 1),
-                          action=f"restarting the {key[0]} after the backoff; everything else "
+                failure = self.failures.failed(part, describe(exc), time.time())
+                log.error(f"{part[0]}_failed", **_where(part), error=failure.error,
+                          failures=failure.count, retry_in=round(failure.retry_at - time.time(), 1),
+                          action=f"restarting the {part[0]} after the backoff; everything else "
                           "goes on", exc_info=not isinstance(exc, OSError))
                 await asyncio.sleep(max(failure.retry_at - time.time(), 0.0))
 
@@ -381,38 +380,35 @@ class Agent:
         the failed one stopped (or caught up), a shipper or watcher restarted STABLE_AFTER ago
         and not failed since. A failed file nobody follows any more is forgotten too."""
         now = time.time()
-        live = {(t.source.name, t.path): t
-                for t in (self._tailers.live.values() if self._tailers else ())}
-        for key, failure in list(self.failures.current.items()):
+        live: dict[Part, Tailer] = {
+            ("file", t.source.name, t.path): t
+            for t in (self._tailers.live.values() if self._tailers else ())}
+        for part, failure in list(self.failures.current.items()):
             if now < failure.retry_at:
                 continue
-            assert isinstance(key, tuple)
-            if key[0] != "file":
+            if part[0] != "file":
                 if now >= failure.retry_at + STABLE_AFTER:
-                    self.failures.recovered(key)
-                    log.info(f"{key[0]}_recovered", **_where(key), failures=failure.count)
+                    self.failures.recovered(part)
+                    log.info(f"{part[0]}_recovered", **_where(part), failures=failure.count)
                 continue
-            tailer = live.get(key[1:])
+            tailer = live.get(part)
             if tailer is None or tailer is failure.holder:
                 if tailer is None and now >= failure.retry_at + 2 * self.config.scan_interval + 5:
-                    self.failures.recovered(key)
-                    log.info("tailer_failure_forgotten", source=key[1], path=key[2],
+                    self.failures.recovered(part)
+                    log.info("tailer_failure_forgotten", **_where(part),
                              reason="the file is no longer followed")
                 continue
             position = tailer.reference()[0]
             if tailer.file is not None and (position > failure.position
                                             or 0 <= tailer.seen_size <= position):
-                self.failures.recovered(key)
-                log.info("tailer_recovered", source=key[1], path=key[2], offset=position,
+                self.failures.recovered(part)
+                log.info("tailer_recovered", **_where(part), offset=position,
                          failures=failure.count)
 
     def _failing(self) -> list[dict[str, Any]]:
         """The failures for the status snapshot."""
-        parts = []
-        for key, failure in self.failures.current.items():
-            assert isinstance(key, tuple)
-            parts.append({"part": key[0], **_where(key), **failure.as_dict()})
-        return parts
+        return [{"part": part[0], **_where(part), **failure.as_dict()}
+                for part, failure in self.failures.current.items()]
 
     # -- wiring between stages
 
@@ -492,11 +488,10 @@ class Agent:
                      **dataclasses.asdict(shipper.stats))
 
 
-def _where(key: tuple[str, ...]) -> dict[str, str]:
-    """A failing part's key as log and status fields: ("file", source, path), ("shipper",
-    database) or ("watcher",)."""
-    names = {"file": ("source", "path"), "shipper": ("database",)}.get(key[0], ())
-    return dict(zip(names, key[1:], strict=True))
+def _where(part: Part) -> dict[str, str]:
+    """A failing part as log and status fields."""
+    names = {"file": ("source", "path"), "shipper": ("database",)}.get(part[0], ())
+    return dict(zip(names, part[1:], strict=True))
 
 
 def _check_writable(state_dir: Path) -> None:

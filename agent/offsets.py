@@ -191,6 +191,10 @@ class OffsetStore:
             progress.committed = end
             moved = True
         if moved:
+            if not acked:
+                # A set never shrinks: one that held a whole batch's acks would keep that
+                # table for good, per file (a thousand files: tens of MiB).
+                progress.acked = set()
             marks = progress.marks
             while marks and marks[0][0] <= progress.committed:
                 progress.marker_offset, progress.marker = marks.popleft()

@@ -15,6 +15,9 @@ FIRST_RETRY = 1.0
 MAX_RETRY = 60.0
 """The backoff stops doubling here: a file on a dead NFS mount is tried once a minute."""
 
+Part = tuple[str, ...]
+"""What failed: ("file", source, path), ("shipper", database) or ("watcher",)."""
+
 
 @dataclass(slots=True)
 class Failure:
@@ -41,26 +44,28 @@ def describe(exc: BaseException) -> str:
 
 
 class Failures:
-    """Failures by part (a (source, path) pair for a file, a database name for a shipper)."""
+    """The parts failing now, each with its last failure."""
 
     def __init__(self) -> None:
-        self.current: dict[object, Failure] = {}
+        self.current: dict[Part, Failure] = {}
 
-    def failed(self, key: object, error: str, now: float, position: int = 0) -> Failure:
+    def failed(self, part: Part, error: str, now: float, position: int = 0,
+               holder: object = None) -> Failure:
         """Record a failure; the returned record says when to retry."""
-        last = self.current.get(key)
+        last = self.current.get(part)
         count = 1 if last is None else last.count + 1
         delay = min(FIRST_RETRY * 2 ** (count - 1), MAX_RETRY)
-        failure = Failure(error, count, now if last is None else last.since, now + delay, position)
-        self.current[key] = failure
+        failure = Failure(error, count, now if last is None else last.since, now + delay,
+                          position, holder)
+        self.current[part] = failure
         return failure
 
-    def recovered(self, key: object) -> Failure | None:
+    def recovered(self, part: Part) -> Failure | None:
         """The part works again: forget its failures and return the last one, if any."""
-        return self.current.pop(key, None)
+        return self.current.pop(part, None)
 
-    def __contains__(self, key: object) -> bool:
-        return key in self.current
+    def __contains__(self, part: object) -> bool:
+        return part in self.current
 
     def __len__(self) -> int:
         return len(self.current)

@@ -204,24 +204,33 @@ class Tailer:
         grew = False
         while True:
             # The budget shared by all tailers is held from the read until the chunk's
-            # documents are queued: that is when a chunk takes memory.
+            # documents are queued: that is when a chunk takes memory. The chunk lives only in
+            # the call, so a tailer waiting for the budget holds none.
             async with self.owner.read_budget:
-                data = await asyncio.to_thread(self._read_chunk)
-                if data is None:
-                    return None
-                if not data:
-                    return grew
-                grew = True
-                lines = self.splitter.feed(data)
-                before_end = b""
-                if lines:
-                    upto = len(data) - (self.splitter.position - lines[-1].end)
-                    before_end = data[max(0, upto - MARKER_BYTES):upto]
-                    if len(before_end) < MARKER_BYTES:
-                        before_end = self._recent + before_end
-                self._recent = (self._recent + data[-MARKER_BYTES:])[-MARKER_BYTES:]
-                if lines:
-                    await self._hand_on(lines, marker(before_end))
+                read = await self._read_and_hand_on()
+            if not read:
+                return None if read is None else grew
+            grew = True
+
+    async def _read_and_hand_on(self) -> bool | None:
+        """Read one chunk and hand on its complete lines. True if there was one, False at the
+        end of the file, None if it was rewritten."""
+        data = await asyncio.to_thread(self._read_chunk)
+        if data is None:
+            return None
+        if not data:
+            return False
+        lines = self.splitter.feed(data)
+        before_end = b""
+        if lines:
+            upto = len(data) - (self.splitter.position - lines[-1].end)
+            before_end = data[max(0, upto - MARKER_BYTES):upto]
+            if len(before_end) < MARKER_BYTES:
+                before_end = self._recent + before_end
+        self._recent = (self._recent + data[-MARKER_BYTES:])[-MARKER_BYTES:]
+        if lines:
+            await self._hand_on(lines, marker(before_end))
+        return True
 
     def _read_chunk(self) -> bytes | None:
         """The next chunk, or None if the file no longer holds what was read. One pread takes the

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from structlog.testing import capture_logs
@@ -28,6 +29,7 @@ from agent.status import EXIT_DEGRADED, EXIT_OK, render
 from backend.pouchdb_server import free_port
 from tests.agentproc import AgentProcess, wait_for, write_config
 from tests.couch import CouchDB
+from tests.faultproxy import FaultProxy
 from tests.integration.harness import append, numbered
 
 pytestmark = pytest.mark.integration
@@ -137,6 +139,13 @@ def holds_at_least(couch: CouchDB, database: str, expected: Counter[str]) -> boo
     return couch.count(database) >= sum(expected.values())
 
 
+def through(proxy: FaultProxy, couchdb_url: str) -> str:
+    """`couchdb_url` with its credentials, pointed at the proxy."""
+    parts = urlsplit(couchdb_url)
+    auth = f"{parts.username}:{parts.password}@" if parts.username else ""
+    return urlunsplit((parts.scheme, f"{auth}127.0.0.1:{proxy.port}", parts.path, "", ""))
+
+
 def fd_path(fd: int) -> str:
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
@@ -238,3 +247,34 @@ async def test_shutdown_waits_for_reads_in_threads_before_closing_the_spools(
     agent.handle_exit()
     await run
     assert order == ["read finished", "spool closed"]
+
+
+async def test_shutdown_deadline_cancels_what_is_left_with_a_reason_and_loses_nothing(
+        tmp_path: Path, couch: CouchDB, couchdb_url: str, database: str) -> None:
+    log_path = tmp_path / "app.log"
+    expected = append(log_path, numbered("app", 0, 500))
+    with FaultProxy(couchdb_url) as proxy:
+        proxy.set("stall")  # CouchDB takes the request and never answers
+        config = config_module.load(write_config(
+            tmp_path / "etc", through(proxy, couchdb_url),
+            [{"name": "app", "database": database, "paths": [str(log_path)], "schema": "$msg..."}],
+            shutdown_timeout="1s"))
+        agent = Agent(config)
+        with capture_logs() as logged:
+            run = asyncio.create_task(agent.run())
+            await eventually(lambda: proxy.requests > 0, 30, "a request to CouchDB", run)
+            agent.handle_exit()
+            await run
+        events = [e["event"] for e in logged]
+        assert events.index("shutdown_deadline") < events.index("tasks_cancelled") < \
+            events.index("agent_stopped")
+        cancelled = next(e for e in logged if e["event"] == "tasks_cancelled")
+        assert cancelled["count"] == 1 and "shutdown_timeout" in cancelled["reason"]
+
+        proxy.set("pass")
+        again = Agent(config)
+        run = asyncio.create_task(again.run())
+        await eventually(lambda: holds_at_least(couch, database, expected), 60, "the documents", run)
+        again.handle_exit()
+        await run
+    assert messages(couch, database) == expected
