@@ -183,8 +183,8 @@ class Agent:
                               cfg.shipping, self.offsets.acknowledge, dead_letter)
             self.queues[database] = queue
             self.shippers[database] = shipper
-            self._spawn(f"shipper:{database}",
-                        self._keep_running(("shipper", database), shipper.run))
+            self._spawn(f"shipper:{database}", self._keep_running(
+                ("shipper", database), shipper.run, shipper.spool_remaining))
         self._tailers = TailerSet(self._tailer_task, cfg.sources,
                                   {s.name: self._sink(s) for s in cfg.sources}, self.offsets,
                                   start_at, read_budget=self.read_budget)
@@ -360,20 +360,31 @@ class Agent:
                       "or mount it is on", exc_info=not isinstance(exc, OSError))
             await asyncio.sleep(max(failure.retry_at - time.time(), 0.0))
 
-    async def _keep_running(self, part: Part, run: Callable[[], Awaitable[None]]) -> None:
+    async def _keep_running(self, part: Part, run: Callable[[], Awaitable[None]],
+                            reset: Callable[[], Awaitable[None]] | None = None) -> None:
         """Run a part that runs until cancelled (a shipper, the watcher), and start it again
-        after a backoff whenever it fails."""
+        after a backoff whenever it fails. `reset` first puts down what the failed run held
+        (a shipper spools its batches in hand and in flight: spooled is safe, and the spool is
+        replayed once it runs again)."""
         while True:
             try:
                 await run()
                 return
             except Exception as exc:
                 failure = self.failures.failed(part, describe(exc), time.time())
+                retry_at = failure.retry_at
                 log.error(f"{part[0]}_failed", **_where(part), error=failure.error,
                           failures=failure.count, retry_in=round(failure.retry_at - time.time(), 1),
                           action=f"restarting the {part[0]} after the backoff; everything else "
                           "goes on", exc_info=not isinstance(exc, OSError))
-                await asyncio.sleep(max(failure.retry_at - time.time(), 0.0))
+            if reset is not None:
+                try:
+                    await reset()
+                except Exception as exc:
+                    log.error(f"{part[0]}_reset_failed", **_where(part), error=describe(exc),
+                              action="restarting it anyway; what it held is read again from the "
+                              "log files at the next start", exc_info=not isinstance(exc, OSError))
+            await asyncio.sleep(max(retry_at - time.time(), 0.0))
 
     def _check_recovered(self) -> None:
         """Forget failures of parts that work again: a file whose new tailer read past where
