@@ -25,6 +25,7 @@ from structlog.testing import capture_logs
 from agent import config as config_module
 from agent.daemon import Agent
 from agent.offsets import OffsetStore
+from agent.queue import DocumentQueue
 from agent.spool import Spool
 from agent.status import EXIT_DEGRADED, EXIT_OK, render
 from backend.pouchdb_server import free_port
@@ -316,3 +317,49 @@ async def test_a_failing_shipper_is_restarted_and_delivers_everything(
     failed = next(e for e in logged if e["event"] == "shipper_failed")
     assert failed["database"] == database and "KeyError" in failed["error"]
     assert any(e["event"] == "shipper_recovered" for e in logged)
+
+
+async def test_files_catching_up_hold_at_most_the_read_budget_in_parsed_chunks(
+        tmp_path: Path, couch: CouchDB, couchdb_url: str, database: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    files = 10
+    for n in range(files):
+        append(tmp_path / f"app-{n}.log", numbered(f"file {n}", 0, 3000))
+    # Documents parsed from a chunk and waiting for room in the queue, per tailer.
+    waiting = Counter[str]()
+    real_put = DocumentQueue.put
+
+    async def put(queue: DocumentQueue, docs: Any) -> None:
+        waiting["now"] += 1
+        waiting["most"] = max(waiting["most"], waiting["now"])
+        try:
+            await real_put(queue, docs)
+        finally:
+            waiting["now"] -= 1
+
+    monkeypatch.setattr(DocumentQueue, "put", put)
+    with FaultProxy(couchdb_url) as proxy:
+        proxy.set("stall")  # CouchDB slow to the point of never answering: the queue fills up
+        config = config_module.load(write_config(
+            tmp_path / "etc", through(proxy, couchdb_url),
+            [{"name": "app", "database": database, "paths": [str(tmp_path / "*.log")],
+              "schema": "$msg..."}],
+            shipping={"queue_max_docs": 100}, shutdown_timeout="1s"))
+        agent = Agent(config)
+        run = asyncio.create_task(agent.run())
+        budget = 2  # agent.daemon.READ_BUDGET_CHUNKS
+
+        def settled() -> bool:
+            """Over the budget (the failure), or every tailer is either blocked with a parsed
+            chunk or waiting for the budget, holding none."""
+            if waiting["most"] > budget:
+                return True
+            waiters = len(getattr(getattr(agent, "read_budget", None), "_waiters", None) or ())
+            return (
+                waiting["now"] == budget and waiters == files - budget)
+
+        await eventually(settled, 60, "every tailer to block", run)
+        agent.handle_exit()
+        await run
+    assert waiting["most"] <= budget, (
+        f"{waiting['most']} tailers held parsed chunks at once (the read budget is {budget})")
