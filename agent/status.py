@@ -104,9 +104,9 @@ def render(snapshot: dict[str, Any] | None, path: Path, now: float | None = None
                      f"({_size(db['spool_bytes'])}), dead-lettered {db['dead_lettered']}; "
                      f"last stored {success}")
     for part in snapshot.get("failing", ()):
-        where = part.get("path") or part.get("database") or part["part"]
-        problems.append(f"{part['part']} {where}: {part['error']} (failed {part['failures']} "
-                        "time(s) in a row, retrying)")
+        where = part.get("path") or part.get("database")
+        problems.append(f"{part['part']}{f' {where}' if where else ''}: {part['error']} (failed "
+                        f"{part['failures']} time(s) in a row, retrying)")
     head = (f"couchlog agent running (pid {snapshot['pid']}, up {_ago(now - snapshot['started_at'])}, "
             f"{files} file(s) by {snapshot['watch']}); {_size(behind)} unread, "
             f"{sum(d['queued'] for d in snapshot['databases'].values())} queued, "
