@@ -128,6 +128,7 @@ def _config_path(args: argparse.Namespace) -> Path:
 def _run(args: argparse.Namespace) -> int:
     from agent import logs
     from agent.daemon import Agent
+    from agent.supervisor import describe
 
     config = config_module.load(_config_path(args))
     logs.configure(args.log_level or config.log_level, config.log_format)
@@ -137,11 +138,27 @@ def _run(args: argparse.Namespace) -> int:
     agent = Agent(config)
     try:
         asyncio.run(agent.run())
-    except OSError as exc:
-        log.error("agent_failed", error=str(exc), started=agent.started,
-                  action="check that state_dir is writable and the paths are readable")
+    except Exception as exc:
+        # Errors leave the agent's TaskGroup wrapped in an ExceptionGroup: say each one, in
+        # one line, never as a traceback.
+        errors = _leaf_errors(exc)
+        system = all(isinstance(e, OSError) for e in errors)
+        log.error("agent_failed", error="; ".join(describe(e) for e in errors),
+                  started=agent.started, state_dir=str(config.state_dir),
+                  action=("check that state_dir exists and is writable by the agent's user, that "
+                          "the log paths are readable and any listening port is free, then "
+                          "start it again") if system else
+                  "this is a bug in the agent: report it with this line; the offsets already "
+                  "saved are kept, so a restart loses and doubles nothing",
+                  exc_info=not system)
         return EXIT_FAILURE if agent.started else EXIT_STARTUP
     return EXIT_OK
+
+
+def _leaf_errors(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaf_errors(inner)]
+    return [exc]
 
 
 def _status(args: argparse.Namespace) -> int:

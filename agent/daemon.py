@@ -3,24 +3,37 @@
 Life of the process, as in uvicorn's `Server`: `startup()` (offsets,
 shippers, queues, then tailers and the watcher: downstream first),
 `main_loop()` (one housekeeping tick: offsets, progress logs), and
-`shutdown()` (reading stops first, then the queues drain within
-`shutdown_timeout`, then the offsets are written one last time). Signal
-handlers only set `should_exit`; a second signal sets `force_exit`, which
-skips the drain but still writes the offsets already acknowledged.
+`shutdown()` (reading stops first, the watcher before the tailers it feeds,
+then the queues drain within `shutdown_timeout`, what is left is cancelled,
+work still running in threads is waited for, and only then are the spools
+closed and the offsets written one last time). Signal handlers only set
+`should_exit`; a second signal sets `force_exit`, which skips the drain but
+still writes the offsets already acknowledged.
+
+Each tailer, each shipper and the watcher is supervised on its own: one that
+raises is logged, shown in the status snapshot and retried after a backoff
+(`agent.supervisor`), and everything else keeps going. A tailer's retry is a
+new tailer for the same file, opened by the next scan, which resumes from the
+offsets kept for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import inspect
 import os
 import resource
 import signal
+import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import aiohttp
 import structlog
@@ -37,7 +50,8 @@ from agent.ratelimit import RepeatedFailure
 from agent.shipper import Shipper
 from agent.spool import Spool, migrate_folders, spool_folder
 from agent.status import StatusFile
-from agent.tailer import TailerSet
+from agent.supervisor import Failures, Part, describe
+from agent.tailer import Tailer, TailerSet
 from agent.types import Lines, LineSink, SourceFile
 from agent.watcher import Watcher
 
@@ -56,6 +70,48 @@ STATUS_FILES = 10
 """Files listed by name in the status snapshot: the ones furthest behind."""
 FORGET_AFTER = 24 * 3600.0
 """Offsets of a file no tailer follows are kept this long, then pruned."""
+READ_BUDGET_CHUNKS = 2
+"""Chunks (tailer.READ_CHUNK each) read but not yet queued, across all files: a chunk becomes
+about four times its size in documents, and a thousand files catching up at once must not
+each hold one (issue 13 item 7). Two let one file's read run in its thread while another's
+chunk is parsed; one file alone never holds more than one."""
+STABLE_AFTER = 10.0
+"""Seconds a restarted shipper or watcher must run without failing to count as recovered."""
+TASKS_WAIT = 5.0
+"""Seconds cancelled tasks get to finish at shutdown before the agent stops waiting."""
+THREADS_WAIT = 10.0
+"""Seconds shutdown waits for work still running in threads (a cancelled `to_thread` call
+keeps running) before it closes the spools and writes the offsets; below systemd's stop
+timeout."""
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class _CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The loop's default executor (what `asyncio.to_thread` runs on), counting the calls still
+    running: cancelling the awaiting task does not stop a call already in its thread."""
+
+    def __init__(self) -> None:
+        super().__init__(thread_name_prefix="agent")
+        self._lock = threading.Lock()
+        self.running = 0
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args,
+               **kwargs: P.kwargs) -> concurrent.futures.Future[T]:
+        with self._lock:
+            self.running += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._done()
+            raise
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _: object = None) -> None:
+        with self._lock:
+            self.running -= 1
 
 
 class Agent:
@@ -87,8 +143,14 @@ class Agent:
         self._next_prune = 0.0
         self._activity = -1
         """What `_activity_count` was at the last snapshot."""
+        self.failures = Failures()
+        """Tailers, shippers and the watcher failing now, each retried after its backoff."""
+        self.read_budget = asyncio.Semaphore(READ_BUDGET_CHUNKS)
+        """Held by a tailer from reading a chunk until its documents are queued."""
+        self._executor = _CountingExecutor()
 
     async def run(self) -> None:
+        asyncio.get_running_loop().set_default_executor(self._executor)
         with self._capture_signals():
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -103,7 +165,7 @@ class Agent:
     async def startup(self) -> None:
         cfg = self.config
         _raise_open_files_limit()
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_check_writable, cfg.state_dir)
         entries, status = await asyncio.to_thread(self.state_file.load)
         self.offsets = OffsetStore(entries)
         # Files there at start that the offsets do not know: a first start follows each source's
@@ -127,16 +189,17 @@ class Agent:
                               cfg.shipping, self.offsets.acknowledge, dead_letter)
             self.queues[database] = queue
             self.shippers[database] = shipper
-            self._spawn(f"shipper:{database}", shipper.run())
-        self._tailers = TailerSet(self._group_task, cfg.sources,
+            self._spawn(f"shipper:{database}", self._keep_running(
+                ("shipper", database), shipper.run, shipper.spool_remaining))
+        self._tailers = TailerSet(self._tailer_task, cfg.sources,
                                   {s.name: self._sink(s) for s in cfg.sources}, self.offsets,
-                                  start_at)
+                                  start_at, read_budget=self.read_budget)
         watcher = Watcher(cfg.sources, self._tailers, cfg.scan_interval, cfg.poll_interval,
                           cfg.state_dir)
         await watcher.start()
         await self._tailers.recover()
         self._watcher = watcher
-        self._spawn("watcher", watcher.run())
+        self._spawn("watcher", self._keep_running(("watcher",), watcher.run))
         self.started = True
         await asyncio.to_thread(self.status_file.write, self.status())
         log.info("agent_started", sources=[s.name for s in cfg.sources], watch=watcher.mode,
@@ -176,7 +239,9 @@ class Agent:
 
     async def on_tick(self) -> None:
         """All periodic work: note what is all in CouchDB, write offsets that moved, forget
-        long-gone files."""
+        long-gone files, notice failed parts that work again."""
+        if self.failures:
+            self._check_recovered()
         for database, sources in self.databases.items():
             spool = self.shippers[database].spool
             # A record lost while running: never settle past it; the next start reads again.
@@ -216,33 +281,158 @@ class Agent:
 
     async def shutdown(self) -> None:
         log.info("agent_stopping", force=self.force_exit)
-        self._cancel("watcher")
+        # The watcher first and waited for: its observer thread must not hand hints to
+        # tailers that are going away.
+        watcher = self._tasks.get("watcher")
+        if watcher is not None:
+            watcher.cancel("agent stopping: reading stops first")
+            await self._settle_tasks([watcher])
         if self._tailers is not None:
             await self._tailers.stop()
-        if not self.force_exit:
-            await self._drain()
-        for name in [n for n in self._tasks if n.startswith("shipper:")]:
-            self._cancel(name)
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        reason = "agent stopping"
+        if not self.force_exit and not await self._drain():
+            reason = "agent stopping: shutdown_timeout passed"
+        await self._cancel_remaining(reason)
+        # A cancelled `to_thread` call (a read, a spool append) is still running: the spools
+        # and the state file are closed and written only once nothing uses them.
+        await self._wait_for_threads()
         for shipper in self.shippers.values():
             await shipper.spool_remaining()
             await asyncio.to_thread(shipper.spool.close)
-        await self.on_tick()
-        await self._save_offsets()
+        if self.started:
+            await self.on_tick()
+        if self.started or self.offsets.dirty:
+            await self._save_offsets()
         if self._session is not None:
             await self._session.close()
         self._log_progress()
         log.info("agent_stopped", outstanding=self.offsets.outstanding())
 
-    async def _drain(self) -> None:
-        """Give the shippers up to `shutdown_timeout` to deliver what is queued."""
+    async def _drain(self) -> bool:
+        """Give the shippers up to `shutdown_timeout` to deliver what is queued; False if they
+        did not."""
         deadline = time.monotonic() + self.config.shutdown_timeout
         while not all(s.idle for s in self.shippers.values()):
             if self.force_exit or time.monotonic() >= deadline:
                 log.warning("shutdown_deadline", undelivered=self.offsets.outstanding(),
                             action="spooling what is left; it is sent at the next start")
-                return
+                return False
             await asyncio.sleep(0.05)
+        return True
+
+    async def _cancel_remaining(self, reason: str) -> None:
+        """Cancel every task still running (the shippers, which loop until cancelled), say how
+        many and why, and give them TASKS_WAIT to finish."""
+        remaining = [t for t in self._tasks.values() if not t.done()]
+        for task in remaining:
+            task.cancel(reason)
+        if remaining:
+            log.info("tasks_cancelled", count=len(remaining), reason=reason)
+        await self._settle_tasks(remaining)
+
+    async def _settle_tasks(self, tasks: list[asyncio.Task[None]]) -> None:
+        try:
+            async with asyncio.timeout(TASKS_WAIT):
+                await asyncio.gather(*tasks, return_exceptions=True)
+        except TimeoutError:
+            log.warning("tasks_still_running", count=sum(not t.done() for t in tasks),
+                        waited=TASKS_WAIT, action="stopping without them")
+
+    async def _wait_for_threads(self) -> None:
+        deadline = time.monotonic() + THREADS_WAIT
+        while self._executor.running:
+            if time.monotonic() >= deadline:
+                log.warning("threads_still_running", count=self._executor.running,
+                            waited=THREADS_WAIT,
+                            action="a read or write is stuck (a hung disk or NFS mount?); "
+                            "stopping anyway: what is not in the saved offsets is read again "
+                            "at the next start")
+                return
+            await asyncio.sleep(0.01)
+
+    # -- supervision: one part's failure is that part's problem
+
+    def _tailer_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """How the TailerSet starts a tailer: supervised. The coroutine is `tailer.run()`; its
+        tailer names the file in the log and the status."""
+        owner = inspect.getcoroutinelocals(coro).get("self")
+        return self._group_task(self._supervise_tailer(
+            coro, owner if isinstance(owner, Tailer) else None))
+
+    async def _supervise_tailer(self, run: Coroutine[Any, Any, None], tailer: Tailer | None) -> None:
+        """Run one tailer; if it fails, record it and hold its place (so no scan opens the
+        file again) until the backoff has passed. Its offsets were kept when it let go of
+        the file: the next tailer for it resumes from them."""
+        try:
+            await run
+        except Exception as exc:
+            source = tailer.source.name if tailer is not None else "?"
+            path = tailer.path if tailer is not None else "?"
+            position = tailer.reference()[0] if tailer is not None else 0
+            failure = self.failures.failed(("file", source, path), describe(exc), time.time(),
+                                           position, holder=tailer)
+            log.error("tailer_failed", source=source, path=path, error=failure.error,
+                      failures=failure.count, retry_in=round(failure.retry_at - time.time(), 1),
+                      action="this file is read again from its last committed offset after "
+                      "the backoff; other files go on. If it keeps failing, check the disk "
+                      "or mount it is on", exc_info=not isinstance(exc, OSError))
+            await asyncio.sleep(max(failure.retry_at - time.time(), 0.0))
+
+    async def _keep_running(self, part: Part, run: Callable[[], Awaitable[None]],
+                            reset: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run a part that runs until cancelled (a shipper, the watcher), and start it again
+        after a backoff whenever it fails. `reset` first puts down what the failed run held
+        (a shipper spools its batches in hand and in flight: spooled is safe, and the spool is
+        replayed once it runs again)."""
+        while True:
+            try:
+                await run()
+                return
+            except Exception as exc:
+                failure = self.failures.failed(part, describe(exc), time.time())
+                retry_at = failure.retry_at
+                log.error(f"{part[0]}_failed", **_where(part), error=failure.error,
+                          failures=failure.count, retry_in=round(failure.retry_at - time.time(), 1),
+                          action=f"restarting the {part[0]} after the backoff; everything else "
+                          "goes on", exc_info=not isinstance(exc, OSError))
+            if reset is not None:
+                try:
+                    await reset()
+                except Exception as exc:
+                    log.error(f"{part[0]}_reset_failed", **_where(part), error=describe(exc),
+                              action="restarting it anyway; what it held is read again from the "
+                              "log files at the next start", exc_info=not isinstance(exc, OSError))
+            await asyncio.sleep(max(retry_at - time.time(), 0.0))
+
+    def _check_recovered(self) -> None:
+        """Forget failures of parts that work again: a file whose new tailer read past where
+        the failed one stopped (or caught up), a shipper or watcher restarted STABLE_AFTER ago
+        and not failed since. A failed file nobody follows any more is forgotten too."""
+        now = time.time()
+        live: dict[Part, Tailer] = {
+            ("file", t.source.name, t.path): t
+            for t in (self._tailers.live.values() if self._tailers else ())}
+        for part, failure in list(self.failures.current.items()):
+            if now < failure.retry_at:
+                continue
+            if part[0] != "file":
+                if now >= failure.retry_at + STABLE_AFTER:
+                    self.failures.recovered(part)
+                    log.info(f"{part[0]}_recovered", **_where(part), failures=failure.count)
+                continue
+            tailer = live.get(part)
+            if tailer is None or tailer is failure.holder:
+                if tailer is None and now >= failure.retry_at + 2 * self.config.scan_interval + 5:
+                    self.failures.recovered(part)
+                    log.info("tailer_failure_forgotten", **_where(part),
+                             reason="the file is no longer followed")
+                continue
+            position = tailer.reference()[0]
+            if tailer.file is not None and (position > failure.position
+                                            or 0 <= tailer.seen_size <= position):
+                self.failures.recovered(part)
+                log.info("tailer_recovered", **_where(part), offset=position,
+                         failures=failure.count)
 
     # -- wiring between stages
 
@@ -267,11 +457,6 @@ class Agent:
 
     def _spawn(self, name: str, coro: object) -> None:
         self._tasks[name] = self._group_task(coro)
-
-    def _cancel(self, name: str) -> None:
-        task = self._tasks.get(name)
-        if task is not None:
-            task.cancel("agent stopping")
 
     @contextlib.contextmanager
     def _capture_signals(self) -> Iterator[None]:
@@ -306,10 +491,19 @@ class Agent:
                 entry["behind"].append({"path": tailer.path, "lag": lag})
         for entry in sources.values():
             entry["behind"] = sorted(entry["behind"], key=lambda f: -f["lag"])[:STATUS_FILES]
+        failing = []
+        for part, failure in self.failures.current.items():
+            where = _where(part)
+            if part[0] == "file" and where["source"] in sources:
+                sources[where["source"]].setdefault("failing", []).append(
+                    {"path": where["path"], "error": failure.error, "since": failure.since})
+            else:
+                failing.append({"part": part[0], **where, **failure.as_dict()})
         return {
             "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
             "watch": self._watcher.mode if self._watcher else "starting",
             "sources": sources,
+            "failing": failing,
             "databases": {
                 db: {"healthy": sh.health is Health.OK, "queued": len(self.queues[db]),
                      "spool_records": sh.spool.pending, "spool_bytes": sh.spool.stats.bytes,
@@ -324,6 +518,20 @@ class Agent:
         for database, shipper in self.shippers.items():
             log.info("shipper_progress", database=database, queued=len(self.queues[database]),
                      **dataclasses.asdict(shipper.stats))
+
+
+def _where(part: Part) -> dict[str, str]:
+    """A failing part as log and status fields."""
+    names = {"file": ("source", "path"), "shipper": ("database",)}.get(part[0], ())
+    return dict(zip(names, part[1:], strict=True))
+
+
+def _check_writable(state_dir: Path) -> None:
+    """Fail at start, not at the first offsets save, if the state folder cannot be written.
+    Blocking."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".write-check-"):
+        pass
 
 
 def _raise_open_files_limit() -> None:

@@ -2,7 +2,12 @@
 
 Under systemd's journal (see `under_journald`) each line starts with its syslog priority
 (`<3>` for an error), which journald strips and records, so `journalctl -p err` selects by
-level; files and pipes get the lines without it."""
+level; files and pipes get the lines without it.
+
+The standard library's logging (watchdog, asyncio, aiohttp) and Python's
+warnings go through the same renderer, so that every line of a JSON log is
+JSON: a plain-text line from a library would break whoever parses the log.
+"""
 
 from __future__ import annotations
 
@@ -52,11 +57,12 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
     )
     if under_journald(sys.stderr):
         renderer = journald_priority(renderer)
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             renderer,
@@ -66,3 +72,18 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            structlog.processors.add_log_level,
+            timestamper,
+            structlog.processors.format_exc_info,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    # Replace, not add: configuring twice (tests run the CLI in-process) must not print twice.
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)

@@ -186,6 +186,10 @@ class OffsetStore:
             committed = pending.popleft()
             acked.discard(committed)
         if committed is not None:
+            if not acked:
+                # A set never shrinks: one that held a whole batch's acks would keep that
+                # table for good, per file (a thousand files: tens of MiB).
+                progress.acked = set()
             marks, marked = progress.marks, progress.checkpoint
             while marks and marks[0].offset <= committed:
                 marked = marks.popleft()

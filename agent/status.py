@@ -29,6 +29,8 @@ The snapshot's contract (what `mismatch` checks; extra keys are allowed):
 - `sources[name]`: `files`, `lag` (unread bytes), `counters` (COUNTERS), `behind`
   (`[{"path", "lag"}]`, the files furthest behind), and, from the daemon when present,
   `failing`: `[{"path", "error", "since"}]` for files whose tailer failed (WARNING);
+- `failing` (top level, when present): `[{"part", "error", "since", "failures", ...}]` for
+  the other parts the daemon restarts after a failure (a shipper, the watcher): WARNING;
 - `databases[db]`: `healthy`, `last_error`, `last_success`, `backpressure`, `stored`,
   `conflicts`, `queued`, `dead_lettered`, `spool_records`, `spool_bytes`,
   `spool.dropped_records`; and, from the shipper when present:
@@ -245,6 +247,7 @@ _URL_STATE = _Is(lambda v: v in ("up", "down", "unknown"), '"up", "down" or "unk
 COUNTERS = ("lines", "matched", "unmatched", "filtered", "empty", "invalid_encoding", "truncated")
 _SHAPE = {
     "pid": _PID, "started_at": _TIME, "updated_at": _TIME, "watch": _TEXT,
+    "failing": _Optional([{"part": _TEXT, "error": _TEXT, "since": _TIME}]),
     "sources": _Each({"files": _COUNT, "lag": _COUNT, "counters": dict.fromkeys(COUNTERS, _COUNT),
                       "behind": [{"path": _TEXT, "lag": _COUNT}],
                       "failing": _Optional([{"path": _TEXT, "error": _TEXT, "since": _TIME}])}),
@@ -377,6 +380,11 @@ def assess(snapshot: Mapping[str, Any], now: float, limits: StatusConfig,
         for failing in source.get("failing", ()):
             found.append(Finding(Level.WARNING, f"{name}: cannot read {failing['path']} for "
                                  f"{_since(now, failing['since'])}: {failing['error']}"))
+    for part in snapshot.get("failing") or ():
+        where = part.get("database") or ""
+        found.append(Finding(Level.WARNING, f"{part['part']}{f' {where}' if where else ''} "
+                             f"failing for {_since(now, part['since'])}, restarted with backoff: "
+                             f"{part['error']}"))
     dead_letters_told = False
     for name, db in sorted(snapshot["databases"].items()):
         down = down_since(db, snapshot["started_at"])

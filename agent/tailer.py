@@ -324,22 +324,34 @@ class Tailer:
         False if not, None if it was rewritten (truncated and written again) under us."""
         grew = False
         while True:
-            data = await self._blocking(self._read_chunk)
-            if data is None:
-                return None
-            if not data:
-                return grew
+            # The budget shared by all tailers is held from the read until the chunk's
+            # documents are queued: that is when a chunk takes memory. The chunk lives only in
+            # the call, so a tailer waiting for the budget holds none.
+            async with self.owner.read_budget:
+                read = await self._read_and_hand_on()
+            if not read:
+                return None if read is None else grew
             grew = True
-            lines = self.splitter.feed(data)
-            before_end = b""
-            if lines:
-                upto = len(data) - (self.splitter.position - lines[-1].end)
-                before_end = data[max(0, upto - MARKER_BYTES):upto]
-                if len(before_end) < MARKER_BYTES:
-                    before_end = self._recent + before_end
-            self._recent = (self._recent + data[-MARKER_BYTES:])[-MARKER_BYTES:]
-            if lines:
-                await self._hand_on(lines, marker(before_end))
+
+    async def _read_and_hand_on(self) -> bool | None:
+        """Read one chunk and hand on its complete lines. True if there was one, False at the
+        end of the file, None if it was rewritten."""
+        data = await self._blocking(self._read_chunk)
+        if data is None:
+            return None
+        if not data:
+            return False
+        lines = self.splitter.feed(data)
+        before_end = b""
+        if lines:
+            upto = len(data) - (self.splitter.position - lines[-1].end)
+            before_end = data[max(0, upto - MARKER_BYTES):upto]
+            if len(before_end) < MARKER_BYTES:
+                before_end = self._recent + before_end
+        self._recent = (self._recent + data[-MARKER_BYTES:])[-MARKER_BYTES:]
+        if lines:
+            await self._hand_on(lines, marker(before_end))
+        return True
 
     def _read_chunk(self) -> bytes | None:
         """The next chunk, or None if the file no longer holds what was read. One pread takes the
@@ -402,7 +414,10 @@ class TailerSet:
     decides where each file is read from (`claim`)."""
 
     def __init__(self, spawn: Spawn, sources: Iterable[SourceConfig], sinks: dict[str, LineSink],
-                 offsets: OffsetStore, start_at: dict[str, StartAt]) -> None:
+                 offsets: OffsetStore, start_at: dict[str, StartAt],
+                 read_budget: contextlib.AbstractAsyncContextManager[Any] | None = None) -> None:
+        self.read_budget = read_budget or contextlib.nullcontext()
+        """Held while a chunk is read and handed on (the Agent's, shared by all tailers)."""
         self.spawn = spawn
         self.sources = {s.name: s for s in sources}
         self.sinks = sinks
