@@ -32,8 +32,9 @@ def chromium_binary() -> str | None:
 class Browser:
     """One Chromium process and one page, with `send` for commands and `on` for events."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, flags: tuple[str, ...] = ()) -> None:
         self.binary = binary
+        self.flags = flags
         self.profile = Path(tempfile.mkdtemp(prefix="couchlog-chromium-"))
         self.process: subprocess.Popen[bytes] | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -46,7 +47,7 @@ class Browser:
 
     async def start(self, timeout: float = 30.0) -> Browser:
         self.process = subprocess.Popen(
-            [self.binary, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            [self.binary, *FLAGS, *self.flags, f"--user-data-dir={self.profile}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=open(self.profile / "stderr.log", "wb"))  # noqa: SIM115
         port_file = self.profile / "DevToolsActivePort"
         async with asyncio.timeout(timeout):

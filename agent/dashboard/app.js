@@ -105,7 +105,7 @@
         body.textContent = '';
         rows.slice(0, 10).forEach(function (row) {
           var tr = body.insertRow();
-          tr.insertCell().textContent = String(row.key[1]);
+          tr.insertCell().textContent = text(row.key[1], 200);
           var n = tr.insertCell();
           n.textContent = String(row.value);
           n.className = 'n';
@@ -125,6 +125,19 @@
     el.className = 'status ' + kind;
   }
 
+  // A document's value as text for the page. Documents are written by anyone the front lets
+  // POST, so a value may be anything JSON holds: String() throws on {"toString": 1} and prints
+  // [object Object] for the rest; JSON.stringify throws past the engine's nesting depth.
+  function text(value, max) {
+    var s;
+    if (typeof value === 'string') {
+      s = value;
+    } else {
+      try { s = JSON.stringify(value); } catch (err) { s = '(too deeply nested to show)'; }
+    }
+    return s.length > max ? s.slice(0, max) + '…' : s;
+  }
+
   function show(change) {
     if (change.id.indexOf('_design/') === 0 || change.deleted) { return; }
     var doc = change.doc || {};
@@ -132,8 +145,8 @@
     li.dataset.id = change.id;
     var summary = ['date', 'hour', 'machine', 'process', 'ip', 'message', 'msg']
       .filter(function (k) { return doc[k] !== undefined; })
-      .map(function (k) { return k + '=' + String(doc[k]).slice(0, 200); }).join(' ');
-    li.textContent = change.id + '  ' + (summary || JSON.stringify(doc).slice(0, 200));
+      .map(function (k) { return k + '=' + text(doc[k], 200); }).join(' ');
+    li.textContent = change.id + '  ' + (summary || text(doc, 200));
     var list = $('tail');
     list.insertBefore(li, list.firstChild);
     while (list.children.length > TAIL_KEEP) { list.removeChild(list.lastChild); }
@@ -166,7 +179,11 @@
           encodeURIComponent(since), controller.signal);
         if (!r.ok) { throw new Error('HTTP ' + r.status); }
         var body = await r.json();
-        body.results.forEach(show);
+        // Every change is shown on its own: one that cannot be shown must not stop the tail
+        // (the batch would be asked for, and shown, again and again).
+        body.results.forEach(function (change) {
+          try { show(change); } catch (err) { console.error('couchlog: cannot show', change.id, err); }
+        });
         since = body.last_seq;
       } catch (err) {
         clearTimeout(timer);

@@ -1,40 +1,53 @@
-"""The dashboard in headless Chromium (Debian's package, driven over the DevTools protocol):
-a reader logs in, the page shows the counts, the live tail shows a new document within 5 s,
-and after the backend is stopped and started again the tail reconnects and shows the next one.
+"""The dashboard in headless Chromium (Debian's package, driven over the DevTools protocol),
+through the nginx front: the backend is provisioned with `agent setup` (users, _security,
+validation, the shipped reports and the dashboard) and Debian's nginx runs the front rendered by
+`agent setup --nginx`, with TLS from a throwaway CA whose certificates Chromium is told to trust.
 
-The test starts its own pouchdb-server (it must stop and restart it), stores the app with
-`agent report --dashboard` and the reports with `--install`, and opens the app straight from
-the server at /couchlog_dashboard/_design/dashboard/ (the lead switches it to the nginx front).
+The browser opens https://127.0.0.1:<port>/dashboard/, gets nginx's 401 Basic challenge and
+answers it with the reader's credentials the way a person answers the browser's prompt
+(Fetch.authRequired); the app then logs in with its own form, which sends Basic on each request.
+Nothing is added to the browser's requests. Documents come in through the front anonymously
+(the public writer) and must show in the live tail within 5 s; after the backend is stopped and
+started again (nginx stays) the tail reconnects and shows the next one. Hostile documents must
+render as text, fire no script, and not stop the tail.
+
+With COUCHDB_URL set the test cannot restart that server: only the reconnect step is skipped.
 A screenshot of the page is saved as dashboard.png in the test's tmp dir, and copied to
 $COUCHLOG_ARTIFACTS when that is set.
 """
 
 from __future__ import annotations
 
-import base64
+import json
 import os
 import random
+import secrets
 import shutil
-import subprocess
-import sys
-import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
-from backend.pouchdb_server import ADMIN, PouchDBServer, free_port
+from backend.pouchdb_server import PouchDBServer, free_port
 from tests.cdp import Browser, chromium_binary
 from tests.couch import CouchDB
+from tests.front import Front, running_front, spki_sha256
+from tests.nginx import NGINX
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(chromium_binary() is None,
-                                 reason="chromium is not installed (apt-get install -y chromium)")]
+                                 reason="chromium is not installed (apt-get install -y chromium)"),
+              pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/setup "
+                                 "installs Debian's nginx)")]
 
-READER, READER_PASSWORD = "dash_reader", "dash-secret-7"
 DOCS = 600
+STATUS = "document.getElementById('tail-status').textContent"
 
 
 def agent_like_docs(count: int) -> tuple[list[dict[str, Any]], Counter[str], Counter[str]]:
@@ -55,125 +68,256 @@ def agent_like_docs(count: int) -> tuple[list[dict[str, Any]], Counter[str], Cou
     return docs, per_day, per_ip
 
 
-def agent_report(url: str, password_file: Path, *args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "agent", "report", *args, "--url", url,
-                           "--user", ADMIN, "--password-file", str(password_file)],
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr
+@dataclass
+class Backend:
+    """The test backend: its admin URL, and the pouchdb-server this test runs (None for
+    COUCHDB_URL, which the test cannot stop)."""
+
+    url: str
+    server: PouchDBServer | None
+
+    def restart(self) -> None:
+        assert self.server is not None
+        self.server.stop()
+        self.server = PouchDBServer(self.server.data_dir, port=self.server.port)
+        self.server.start()
 
 
-async def test_dashboard_login_counts_live_tail_and_reconnect(tmp_path: Path) -> None:
-    binary = chromium_binary()
-    assert binary is not None
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[Backend]:
+    url = os.environ.get("COUCHDB_URL")
+    if url:
+        yield Backend(url.rstrip("/"), None)
+        return
+    # A server of its own: the reconnect step stops and restarts it.
     server = PouchDBServer(tmp_path / "server", port=free_port())
     server.start()
-    browser = Browser(binary)
+    backend = Backend(server.url, server)
     try:
-        couch = CouchDB(server.url)
-        database = f"log_dash_{uuid.uuid4().hex[:8]}"
-        couch.create_db(database)
-        docs, per_day, per_ip = agent_like_docs(DOCS)
-        status, _ = couch.request("POST", f"/{database}/_bulk_docs", {"docs": docs})
-        assert status == 201
-        status, _ = couch.request("PUT", f"/_users/org.couchdb.user:{READER}", {
-            "_id": f"org.couchdb.user:{READER}", "name": READER, "password": READER_PASSWORD,
-            "roles": ["couchlog_reader"], "type": "user"})
-        assert status in (201, 202)
-        couch.request("PUT", f"/{database}/_security", {
-            "admins": {"names": [], "roles": []},
-            "members": {"names": [], "roles": ["couchlog_reader"]}})
-        admin_password = tmp_path / "admin"
-        admin_password.write_text(server.password + "\n")
-        agent_report(server.public_url, admin_password, "--install", "--db", database)
-        agent_report(server.public_url, admin_password, "--dashboard")
+        yield backend
+    finally:
+        if backend.server is not None:
+            backend.server.stop()
 
+
+@dataclass
+class Page:
+    """Chromium on the front's /dashboard/, with what it saw: the auth challenges it answered
+    and the JavaScript dialogs that opened (none may: an alert is injected script running)."""
+
+    browser: Browser
+    front: Front
+    challenges: list[dict[str, Any]] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+    async def log_in(self, password: str) -> None:
+        await self.browser.evaluate(
+            f"document.getElementById('login-user').value = {json.dumps(self.front.reader.name)};"
+            f"document.getElementById('login-password').value = {json.dumps(password)};"
+            f"document.getElementById('login-db').value = {json.dumps(self.front.db)};"
+            "document.getElementById('login-error').textContent = '';"
+            "document.getElementById('login-submit').click(); true")
+
+    def post_anonymously(self, doc: dict[str, Any] | str) -> None:
+        """As anyone on the network may: a POST through the front without credentials."""
+        body = doc if isinstance(doc, str) else json.dumps(doc)
+        answer = self.front.client.request("POST", f"/{self.front.db}", body)
+        assert answer.status in (201, 202), answer
+
+    async def wait_in_tail(self, doc_id: str, timeout: float, what: str) -> str:
+        return str(await self.browser.wait_for(
+            f"(document.querySelector('#tail li[data-id=' + {json.dumps(json.dumps(doc_id))} + ']')"
+            " || {}).textContent", timeout, what, show=STATUS + " + '\\n' + "
+            "document.getElementById('tail').innerText.slice(0, 1500)"))
+
+
+@asynccontextmanager
+async def dashboard(front: Front) -> AsyncIterator[Page]:
+    """Chromium on https://127.0.0.1:<port>/dashboard/, logged in neither to nginx nor to the app."""
+    binary = chromium_binary()
+    assert binary is not None
+    # Trust the throwaway CA's certificates, and only them (not every certificate error).
+    spki = ",".join(spki_sha256(cert) for cert in (front.cert, front.ca))
+    browser = Browser(binary, (f"--ignore-certificate-errors-spki-list={spki}",))
+    page = Page(browser, front)
+    try:
         await browser.start()
-        # The app's own files need a reader too: answer as the browser does after its Basic
-        # prompt. The app's API requests carry the Authorization its login form builds.
-        token = base64.b64encode(f"{READER}:{READER_PASSWORD}".encode()).decode()
 
         async def paused(params: dict[str, Any]) -> None:
-            headers = [{"name": k, "value": v} for k, v in params["request"]["headers"].items()]
-            headers.append({"name": "Authorization", "value": f"Basic {token}"})
-            await browser.send("Fetch.continueRequest", requestId=params["requestId"],
-                               headers=headers)
+            # Requests pass unchanged: pausing them is what lets the browser report challenges.
+            await browser.send("Fetch.continueRequest", requestId=params["requestId"])
 
         async def challenged(params: dict[str, Any]) -> None:
+            # What a person does at the browser's Basic prompt: the reader's name and password
+            # for the dashboard's own files; for the app's API requests the app handles the 401
+            # itself (its login form), so the prompt is cancelled.
+            page.challenges.append(params)
+            path = urlsplit(params["request"]["url"]).path
+            response = ({"response": "ProvideCredentials", "username": front.reader.name,
+                         "password": front.reader.password}
+                        if path.startswith("/dashboard/") else {"response": "CancelAuth"})
             await browser.send("Fetch.continueWithAuth", requestId=params["requestId"],
-                               authChallengeResponse={"response": "ProvideCredentials",
-                                                      "username": READER,
-                                                      "password": READER_PASSWORD})
+                               authChallengeResponse=response)
+
+        async def dialog(params: dict[str, Any]) -> None:
+            page.dialogs.append(str(params.get("message")))
+            await browser.send("Page.handleJavaScriptDialog", accept=False)
 
         browser.on("Fetch.requestPaused", paused)
         browser.on("Fetch.authRequired", challenged)
-        await browser.send("Fetch.enable", handleAuthRequests=True,
-                           patterns=[{"urlPattern": "*/couchlog_dashboard/*"}])
+        browser.on("Page.javascriptDialogOpening", dialog)
+        await browser.send("Fetch.enable", handleAuthRequests=True, patterns=[{"urlPattern": "*"}])
         await browser.send("Page.enable")
         await browser.send("Emulation.setDeviceMetricsOverride", width=1100, height=1100,
                            deviceScaleFactor=1, mobile=False)
-        await browser.send("Page.navigate", url=f"{server.public_url}/couchlog_dashboard/"
-                           "_design/dashboard/index.html")
+        await browser.send("Page.navigate", url=f"{front.url}/dashboard/")
         await browser.wait_for("document.body !== null && document.body.dataset.ready === '1'",
                                20, "the page's script")
-
-        async def log_in(password: str) -> None:
-            await browser.evaluate(
-                f"document.getElementById('login-user').value = {READER!r};"
-                f"document.getElementById('login-password').value = {password!r};"
-                f"document.getElementById('login-db').value = {database!r};"
-                "document.getElementById('login-error').textContent = '';"
-                "document.getElementById('login-submit').click(); true")
-
-        await log_in("wrong-password")
-        error = await browser.wait_for("document.getElementById('login-error').textContent", 10,
-                                       "the login to be refused")
-        assert "refused" in error
-        await log_in(READER_PASSWORD)
-        await browser.wait_for("!document.getElementById('main').hidden", 10, "the dashboard")
-
-        # The counts on the page: the chart's total (documents per day) and the top IPs.
-        total = await browser.wait_for(
-            "/^[0-9]+$/.test(document.getElementById('total').textContent) && "
-            "document.getElementById('total').textContent", 60, "the total")
-        assert int(total) == sum(per_day.values()) == DOCS
-        top = await browser.wait_for(
-            "Array.from(document.querySelectorAll('#top tbody tr')).map("
-            "r => [r.cells[0].textContent, Number(r.cells[1].textContent)])", 60, "the top table")
-        assert [n for _, n in top] == sorted(per_ip.values(), reverse=True)[:10]
-        assert all(per_ip[ip] == n for ip, n in top)
-
-        status = "document.getElementById('tail-status').textContent"
-        await browser.wait_for(f"{status} === 'live'", 20, "the live tail", show=status)
-        first = {"_id": "fail2ban-live-0001", "ip": "198.51.100.7", "process": "sshd",
-                 "machine": "server"}
-        assert couch.request("PUT", f"/{database}/{first['_id']}", first)[0] == 201
-        await browser.wait_for(f"document.querySelector('#tail li[data-id=\"{first['_id']}\"]') "
-                               "!== null",
-                               5, "the new document in the live tail within 5 s")
-
-        server.stop()
-        await browser.wait_for(
-            f"{status}.includes('reconnecting')", 30, "the tail to show that it lost the server",
-            show=status)
-        server = PouchDBServer(tmp_path / "server", port=server.port)
-        server.start()
-        await browser.wait_for(
-            f"{status}.startsWith('live')", 30, "the tail to reconnect", show=status)
-        second = {"_id": "fail2ban-live-0002", "ip": "198.51.100.8", "process": "sshd",
-                  "machine": "server"}
-        assert CouchDB(server.url).request("PUT", f"/{database}/{second['_id']}", second)[0] == 201
-        await browser.wait_for(f"document.querySelector('#tail li[data-id=\"{second['_id']}\"]') "
-                               "!== null",
-                               30, "the next document after the reconnect")
-        assert int(await browser.evaluate("document.getElementById('reconnects').textContent")) >= 1
-        assert "reconnected" in await browser.evaluate(status)
-
-        shot = await browser.screenshot(tmp_path / "dashboard.png")
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        artifacts = os.environ.get("COUCHLOG_ARTIFACTS")
-        if artifacts:
-            Path(artifacts).mkdir(parents=True, exist_ok=True)
-            shutil.copy(shot, Path(artifacts) / "dashboard.png")
+        assert await browser.evaluate("location.href") == f"{front.url}/dashboard/"
+        # The page came through nginx's Basic challenge, answered as the browser's prompt is.
+        first = page.challenges[0]
+        assert urlsplit(first["request"]["url"]).path == "/dashboard/"
+        assert first["authChallenge"]["scheme"].lower() == "basic"
+        assert first["authChallenge"]["realm"] == "couchlog"
+        assert first["authChallenge"]["origin"] == front.url
+        yield page
     finally:
         await browser.close()
-        server.stop()
+
+
+async def test_dashboard_through_the_front_login_counts_live_tail_and_reconnect(
+        backend: Backend, tmp_path: Path) -> None:
+    couch = CouchDB(backend.url)
+    with running_front(backend.url, couch, tmp_path / "front",
+                       f"log_dash_{secrets.token_hex(4)}") as front:
+        docs, per_day, per_ip = agent_like_docs(DOCS)
+        status, _ = couch.request("POST", f"/{front.db}/_bulk_docs", {"docs": docs})
+        assert status == 201
+        async with dashboard(front) as page:
+            browser = page.browser
+            await page.log_in("wrong-password")
+            error = await browser.wait_for("document.getElementById('login-error').textContent",
+                                           10, "the login to be refused")
+            assert "refused" in error
+            await page.log_in(front.reader.password)
+            await browser.wait_for("!document.getElementById('main').hidden", 10, "the dashboard")
+
+            # The counts on the page: the chart's total (documents per day) and the top IPs.
+            total = await browser.wait_for(
+                "/^[0-9]+$/.test(document.getElementById('total').textContent) && "
+                "document.getElementById('total').textContent", 60, "the total")
+            assert int(total) == sum(per_day.values()) == DOCS
+            top = await browser.wait_for(
+                "Array.from(document.querySelectorAll('#top tbody tr')).map("
+                "r => [r.cells[0].textContent, Number(r.cells[1].textContent)])", 60,
+                "the top table")
+            assert [n for _, n in top] == sorted(per_ip.values(), reverse=True)[:10]
+            assert all(per_ip[ip] == n for ip, n in top)
+
+            await browser.wait_for(f"{STATUS} === 'live'", 20, "the live tail", show=STATUS)
+            page.post_anonymously({"_id": "app.live-0001", "ip": "198.51.100.7",
+                                   "process": "sshd", "machine": "server"})
+            shown = await page.wait_in_tail("app.live-0001", 5,
+                                            "the new document in the live tail within 5 s")
+            assert "ip=198.51.100.7" in shown
+
+            restartable = backend.server is not None
+            if restartable:
+                assert backend.server is not None
+                backend.server.stop()
+                await browser.wait_for(f"{STATUS}.includes('reconnecting')", 30,
+                                       "the tail to show that it lost the server", show=STATUS)
+                backend.restart()
+                await browser.wait_for(f"{STATUS}.startsWith('live')", 30,
+                                       "the tail to reconnect", show=STATUS)
+                page.post_anonymously({"_id": "app.live-0002", "ip": "198.51.100.8",
+                                       "process": "sshd", "machine": "server"})
+                await page.wait_in_tail("app.live-0002", 30,
+                                        "the next document after the reconnect")
+                reconnects = await browser.evaluate(
+                    "document.getElementById('reconnects').textContent")
+                assert int(reconnects) >= 1
+                assert "reconnected" in await browser.evaluate(STATUS)
+            assert page.dialogs == []
+
+            shot = await browser.screenshot(tmp_path / "dashboard.png")
+            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            artifacts = os.environ.get("COUCHLOG_ARTIFACTS")
+            if artifacts:
+                Path(artifacts).mkdir(parents=True, exist_ok=True)
+                shutil.copy(shot, Path(artifacts) / "dashboard.png")
+    if not restartable:
+        pytest.skip("COUCHDB_URL is set: the test cannot stop and restart that server, so the "
+                    "reconnect step was skipped (login, counts and live tail through the front "
+                    "passed)")
+
+
+IMG = "<img src=x onerror=alert(1)>"
+SCRIPT = "</script><script>alert(2)</script>"
+SVG = "<svg onload=alert(3)>"
+DEPTH = 1000
+
+
+def hostile_docs() -> list[str]:
+    """Documents anyone may POST through the front, aimed at the page, as JSON text: markup and
+    script in the fields it shows, a string as large as the front lets in, deep nesting (written
+    out by hand: json.dumps recurses), and values that are not strings (an object whose toString
+    is no function makes String(value) throw)."""
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    deep = '{"a":' * DEPTH + json.dumps(IMG) + "}" * DEPTH
+    return [
+        json.dumps({"_id": "app.xss", "ip": IMG, "process": SCRIPT, "machine": SVG,
+                    "message": "<b>bold</b>", "host": SCRIPT,
+                    "agent": {"source": IMG, "read_at": now}}),
+        json.dumps({"_id": "app.huge", "ip": "198.51.100.9", "message": SCRIPT + "x" * 600_000,
+                    "process": "p" * 5_000}),
+        f'{{"_id": "app.deep", "nested": {deep}}}',
+        f'{{"_id": "app.deep-summary", "message": {deep}, "ip": ["a", {{"b": {json.dumps(IMG)}}}]}}',
+        json.dumps({"_id": "app.tostring", "ip": {"toString": 1}, "process": {"valueOf": IMG}}),
+    ]
+
+
+async def test_dashboard_renders_hostile_documents_as_text(backend: Backend, tmp_path: Path) -> None:
+    couch = CouchDB(backend.url)
+    with running_front(backend.url, couch, tmp_path / "front",
+                       f"log_dash_{secrets.token_hex(4)}") as front:
+        async with dashboard(front) as page:
+            browser = page.browser
+            await page.log_in(front.reader.password)
+            await browser.wait_for(f"{STATUS} === 'live'", 20, "the live tail", show=STATUS)
+            for doc in hostile_docs():
+                page.post_anonymously(doc)
+            page.post_anonymously({"_id": "app.after", "ip": "198.51.100.10"})
+            # The tail goes on past them: one document must never stop it.
+            await page.wait_in_tail("app.after", 5, "the document after the hostile ones")
+
+            xss = await page.wait_in_tail("app.xss", 1, "the markup document")
+            for text in (f"ip={IMG}", f"process={SCRIPT}", f"machine={SVG}", "message=<b>bold</b>"):
+                assert text in xss
+            huge = await page.wait_in_tail("app.huge", 1, "the huge document")
+            assert f"message={SCRIPT}xxx" in huge and len(huge) < 10_000
+            deep = await page.wait_in_tail("app.deep", 1, "the deeply nested document")
+            assert deep.startswith("app.deep  ") and '{"a":{"a":' in deep
+            summary = await page.wait_in_tail("app.deep-summary", 1, "the nested fields")
+            assert '{"a":{"a":' in summary and f'ip=["a",{{"b":"{IMG}"}}]' in summary
+            odd = await page.wait_in_tail("app.tostring", 1, "the toString document")
+            assert 'ip={"toString":1}' in odd and f'process={{"valueOf":"{IMG}"}}' in odd
+
+            # The top table, for the fields the hostile documents fill.
+            for name, value in (("ip", IMG), ("process", SCRIPT), ("machine", SVG),
+                                ("source", IMG), ("host", SCRIPT)):
+                await browser.evaluate(
+                    f"document.getElementById('field').value = {json.dumps(name)};"
+                    "document.getElementById('field').dispatchEvent(new Event('change')); true")
+                await browser.wait_for(
+                    "Array.from(document.querySelectorAll('#top tbody tr td:first-child'))"
+                    f".some(c => c.textContent === {json.dumps(value)})", 20,
+                    f"{value} as text in the top table for {name}")
+
+            # Markup stayed text: no element came from the documents, and no script ran.
+            injected = await browser.evaluate(
+                "document.querySelectorAll('#tail *:not(li), #top tbody *:not(tr):not(td)')"
+                ".length")
+            assert injected == 0
+            assert page.dialogs == []
+            assert await browser.evaluate("document.getElementById('chart-error').textContent") == ""

@@ -8,67 +8,26 @@ import json
 import secrets
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.agentproc import write_config
-from tests.backendsetup import Account, account, backend_address, delete_users, run_agent
+from tests.backendsetup import Account, run_agent
 from tests.couch import CouchDB
+from tests.front import Front, running_front
 from tests.integration.harness import Pipeline
-from tests.nginx import NGINX, FrontClient, Nginx, free_port, make_certificates
+from tests.nginx import NGINX
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/setup "
                                  "installs Debian's nginx)")]
 
 
-@dataclass(frozen=True)
-class Front:
-    db: str
-    client: FrontClient
-    http_port: int
-    https_port: int
-    ca: Path
-    agent: Account
-    public: Account
-    reader: Account
-    folder: Path
-
-
 @pytest.fixture(scope="module")
 def front(couchdb_url: str, couch: CouchDB, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
     folder = tmp_path_factory.mktemp("front")
-    db = f"log_front_{secrets.token_hex(4)}"
-    agent, public, reader = (account(folder / "secrets", p) for p in ("agent", "public", "reader"))
-    certs = make_certificates(folder / "tls")
-    http_port, https_port = free_port(), free_port()
-    upstream, _ = backend_address(couchdb_url)
-    config = write_config(folder / "setup", f"https://127.0.0.1:{https_port}",
-                          [{"name": "app", "paths": [str(folder / "x.log")], "database": db,
-                            "schema": "$msg..."}],
-                          couchdb={"username": agent.name, "password": agent.password})
-    done = run_agent("setup", "-c", str(config), "--url", couchdb_url,
-                     "--public-user", public.name, "--public-password-file", str(public.password_file),
-                     "--reader", reader.name, "--reader-password-file", str(reader.password_file))
-    assert done.returncode == 0, done.stderr
-    conf = folder / "couchlog.conf"
-    rendered = run_agent("setup", "--nginx", "--server-name", "localhost", "--cert", str(certs.cert),
-                         "--key", str(certs.key), "--bind", "127.0.0.1", "--http-port", str(http_port),
-                         "--https-port", str(https_port), "--upstream", upstream, "--max-body-size",
-                         "1m", "--public-user", public.name, "--public-password-file",
-                         str(public.password_file), "-o", str(conf))
-    assert rendered.returncode == 0, rendered.stderr
-    nginx = Nginx(folder / "nginx", conf)
-    nginx.start(https_port)
-    try:
-        yield Front(db, FrontClient(https_port, certs.ca), http_port, https_port, certs.ca,
-                    agent, public, reader, folder)
-    finally:
-        nginx.stop()
-        couch.delete_db(db)
-        delete_users(couch, agent.name, public.name, reader.name)
+    with running_front(couchdb_url, couch, folder, f"log_front_{secrets.token_hex(4)}") as front:
+        yield front
 
 
 def creds(user: Account) -> tuple[str, str]:
