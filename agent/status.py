@@ -397,9 +397,9 @@ def assess(snapshot: Mapping[str, Any], now: float, limits: StatusConfig,
             else:
                 found.append(Finding(Level.WARNING, f"{name}: {error} (CouchDB not reachable "
                                      f"for {_since(now, down)}, retrying)"))
-        # An empty spool is not full: the shipper may leave the flag set once the documents it
-        # held went straight to CouchDB (shipper.py resets it only on a spool append).
-        if db["backpressure"] and db["spool_records"]:
+        # The flag also stands with an empty spool whose folder cannot be written: reading is
+        # paused all the same (the shipper clears it once the documents it holds are stored).
+        if db["backpressure"]:
             found.append(Finding(Level.CRITICAL, f"{name}: spool full, reading paused"))
         if db["spool"]["dropped_records"]:
             found.append(Finding(Level.WARNING, f"{name}: spool full, "

@@ -441,7 +441,7 @@ def test_an_unwritable_spool_folder_pauses_reading_and_never_crashes(
     flow.start()
     written = append(logs / "app.log", numbered("nospool", 0, 5000))
     wait_for(lambda: "spool full, reading paused" in agent_status(flow)[1], 30, "status to say so")
-    assert agent_status(flow)[0] == 1
+    assert agent_status(flow)[0] == 2  # CRITICAL: reading is paused
     assert "spool:" in agent_status(flow)[1]
     assert flow.agent.running()
     # CouchDB comes back while the spool is still unusable: the documents in hand probe it.

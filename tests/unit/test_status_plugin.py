@@ -73,7 +73,7 @@ def test_a_healthy_snapshot_is_ok() -> None:
     ({"healthy": False, "down_since": None}, None),
     ({"backpressure": True, "spool_records": 9}, Level.CRITICAL),
     # The shipper leaves the flag set when what it held went straight to CouchDB.
-    ({"backpressure": True, "spool_records": 0}, None),
+    ({"backpressure": True, "spool_records": 0}, Level.CRITICAL),  # an unwritable spool
     ({"spool": {"dropped_records": 3}}, Level.WARNING),
     ({"dead_lettered": 2, "last_dead_letter_at": NOW - 60}, Level.CRITICAL),
     ({"dead_lettered": 2, "last_dead_letter_at": NOW - 3700}, None),
