@@ -31,10 +31,13 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from agent.durable import read_regular_file
 from agent.schema import SchemaError, compile_schema
 
 DEFAULT_CONFIG_PATH = Path("/etc/couchlog/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/couchlog")
+MAX_FILE_BYTES = 1024**2
+"""Largest configuration or password file read: a real one is a few KiB."""
 PASSWORD_ENV = "COUCHLOG_PASSWORD"
 SOURCE_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 DATABASE_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
@@ -639,9 +642,9 @@ def _expanded_nodes(root: object) -> int | None:
     return size(root)
 
 
-def _load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
+def load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8")
     except FileNotFoundError:
         problems.append(Problem(path, "", "file not found; pass the right one with -c PATH"))
         return None
@@ -652,7 +655,10 @@ def _load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
         problems.append(Problem(path, "", "cannot read: permission denied; run as a user who "
                                 "can read it"))
         return None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        problems.append(Problem(path, "", f"cannot read: {exc.strerror or exc}"))
+        return None
+    except UnicodeDecodeError as exc:
         problems.append(Problem(path, "", f"cannot read: {exc}"))
         return None
     try:
@@ -689,7 +695,7 @@ def load(path: Path, need_secret: bool = True) -> AgentConfig:
     read, so an operator who may not read the password can still load the configuration."""
     problems: list[Problem] = []
     warnings: list[Problem] = []
-    data = _load_yaml(path, problems)
+    data = load_yaml(path, problems)
     if data is None:
         raise ConfigError(problems)
     main = _File(path, data, MAIN_KEYS, problems)
@@ -775,7 +781,7 @@ def _others_can_read(path: Path | str) -> bool:
 
 def _read_password(main: _File, path: Path, warnings: list[Problem]) -> str | None:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         main.problem("couchdb.password_file", f"cannot read the password from {path}: {reason}")
@@ -800,7 +806,7 @@ def _load_sources(folder: Path, problems: list[Problem]) -> tuple[SourceConfig, 
                                 "source (see config/conf.d/ for an example)"))
     sources = []
     for file in files:
-        data = _load_yaml(file, problems)
+        data = load_yaml(file, problems)
         if data is not None:
             source = source_from_mapping(file, data, problems, base=file.parent)
             if source is not None:

@@ -250,7 +250,7 @@ class StateFile:
 
     def _read(self, path: Path, quiet: bool) -> dict[SourceFile, FileProgress] | None:
         try:
-            raw = orjson.loads(path.read_bytes())
+            raw = orjson.loads(durable.read_regular_file(path, None))
             if raw.get("version") != STATE_VERSION:
                 raise ValueError(f"unknown state version {raw.get('version')!r}")
             return {SourceFile.parse(key): _progress(e) for key, e in raw["files"].items()}

@@ -23,10 +23,9 @@ from typing import Any
 
 import orjson
 import structlog
-import yaml
 
 from agent import durable
-from agent.config import DEFAULT_STATE_DIR, ConfigError, Problem
+from agent.config import DEFAULT_STATE_DIR, ConfigError, Problem, load_yaml
 from agent.ratelimit import RepeatedFailure
 
 STALE_AFTER = 15.0
@@ -35,7 +34,8 @@ CLOCK_SLACK = 5.0
 EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING = 0, 1, 3
 EXIT_UNKNOWN = 3
 """A snapshot that cannot be trusted: as for monitoring plugins, 3 means UNKNOWN."""
-"""The default of the config key `state_dir` (agent/config.py states it too)."""
+MAX_BYTES = 16 * 1024**2
+"""Largest snapshot read: the agent writes a few KiB (the files furthest behind, not all)."""
 MODE = 0o640
 """Readable by the agent's group, so an operator in it can run `agent status` without root."""
 log = structlog.get_logger("agent.status")
@@ -53,14 +53,11 @@ class Reading:
 def state_dir_of(config_path: Path) -> Path:
     """The `state_dir` set by the main config file, reading nothing else: `agent status` needs
     no secret (an operator may not be allowed to read the password file) and no source file."""
-    try:
-        data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError([Problem(config_path, "", "file not found; pass the right one with "
-                                   "-c PATH")]) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
-        raise ConfigError([Problem(config_path, "", f"cannot read: {exc}")]) from None
-    value = (data if isinstance(data, dict) else {}).get("state_dir", str(DEFAULT_STATE_DIR))
+    problems: list[Problem] = []
+    data = load_yaml(config_path, problems)
+    if data is None:
+        raise ConfigError(problems)
+    value = data.get("state_dir", str(DEFAULT_STATE_DIR))
     if not isinstance(value, str) or not value:
         raise ConfigError([Problem(config_path, "state_dir", "expected a folder path (a string)")])
     return config_path.parent / value
@@ -92,7 +89,7 @@ class StatusFile:
 
     def read(self) -> Reading:
         try:
-            data = self.path.read_bytes()
+            data = durable.read_regular_file(self.path, MAX_BYTES)
         except FileNotFoundError:
             return Reading()
         except OSError as exc:

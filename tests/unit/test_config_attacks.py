@@ -1,0 +1,111 @@
+"""Attacks on what the agent reads before it runs (the configuration, the password file, the
+status snapshot), as a careless operator or someone with write access to one of them would
+make them: special files, huge files, YAML that hides a secret in an error, values that YAML
+changes silently. None may hang, eat memory, traceback or print a secret."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.offsets import StateFile
+from tests.unit.test_config_rules import write
+
+HANG_GUARD = 60
+"""Seconds before a command counts as hung: not a speed limit, each case answers at once."""
+
+
+def agent(*args: str) -> subprocess.CompletedProcess[str]:
+    """`agent ARGS` in its own process, so that a command that blocks on a FIFO fails the test
+    instead of hanging the suite."""
+    try:
+        return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                              text=True, timeout=HANG_GUARD, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`agent {' '.join(args)}` hung")
+
+
+def special(path: Path, kind: str) -> None:
+    """Make `path` a FIFO, or a link to an endless device."""
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+
+
+# -- special files: a FIFO or /dev/zero where a file is read never hangs nor fills memory
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+@pytest.mark.parametrize("command", ["check", "status"])
+def test_a_main_file_that_is_a_fifo_or_endless_is_a_config_error(tmp_path: Path, kind: str,
+                                                                  command: str) -> None:
+    path = write(tmp_path)
+    special(path, kind)
+    result = agent(command, "-c", str(path))
+    assert result.returncode == 2, result.stderr
+    assert f"agent: config error: {path}: cannot read: not a regular file" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_a_source_file_that_is_a_fifo_or_endless_is_a_config_error(tmp_path: Path,
+                                                                   kind: str) -> None:
+    path = write(tmp_path)
+    special(tmp_path / "conf.d" / "other.yaml", kind)
+    result = agent("check", "-c", str(path))
+    assert result.returncode == 2, result.stderr
+    assert (f"agent: config error: {tmp_path / 'conf.d' / 'other.yaml'}: cannot read: not a "
+            "regular file") in result.stderr
+
+
+def test_a_huge_config_file_is_refused_without_being_read(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    with path.open("r+b") as f:
+        f.truncate(64 * 1024**3)  # sparse: no disk used, but read whole it would take 64 GiB
+    result = agent("check", "-c", str(path))
+    assert result.returncode == 2, result.stderr
+    assert f"agent: config error: {path}: cannot read: larger than" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_a_password_file_that_is_a_fifo_or_endless_is_a_config_error(tmp_path: Path,
+                                                                     kind: str) -> None:
+    path = write(tmp_path, {"couchdb": {"url": "http://admin@127.0.0.1:5984",
+                                        "password_file": "password"}, "state_dir": "state"})
+    special(tmp_path / "password", kind)
+    result = agent("check", "-c", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "couchdb.password_file: cannot read the password from" in result.stderr
+    assert "not a regular file" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_status_file_that_is_a_fifo_or_endless_is_unknown(tmp_path: Path, kind: str,
+                                                            as_json: bool) -> None:
+    path = write(tmp_path)
+    (tmp_path / "state").mkdir()
+    special(tmp_path / "state" / "status.json", kind)
+    result = agent("status", "-c", str(path), *(["--json"] if as_json else []))
+    assert result.returncode == 3, result.stderr
+    assert "cannot be read (not a regular file" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["offsets.json", "offsets.json.tmp"])
+def test_a_state_file_that_is_a_fifo_does_not_hang_the_start(tmp_path: Path, name: str) -> None:
+    """A FIFO in place of the offsets (or of their temp file) is an unreadable state, not a
+    start that waits forever before it can even take SIGTERM."""
+    os.mkfifo(tmp_path / name)
+    found: list[object] = []
+    reader = threading.Thread(target=lambda: found.append(StateFile(tmp_path).load()), daemon=True)
+    reader.start()
+    reader.join(HANG_GUARD)
+    assert found, "StateFile.load hung on a FIFO"
+    entries, status = found[0]  # type: ignore[misc]
+    assert entries == {} and status == ("corrupt" if name == "offsets.json" else "absent")
