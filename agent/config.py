@@ -642,6 +642,21 @@ def _expanded_nodes(root: object) -> int | None:
     return size(root)
 
 
+_YAML_TOKEN = re.compile(r"'(?:[^'\\]|\\.){2,}'")
+"""A quoted word of more than one character in a PyYAML message: a tag or alias name, which is
+the value as written when an unquoted value starts with `!` or `*` (`password: !Pa55`)."""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, without the words it quotes from the file: those may be a
+    password, and `agent check` writes its messages to the journal. Line and column say where."""
+    problem = str(getattr(exc, "problem", None) or exc)
+    shown = _YAML_TOKEN.sub("(not shown)", problem)
+    if shown != problem:
+        shown += "; quote a value that starts with !, &, * or another YAML sign"
+    return shown
+
+
 def load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
     try:
         text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8")
@@ -667,7 +682,7 @@ def load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problems.append(Problem(path, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}"))
+        problems.append(Problem(path, "", f"invalid YAML: {where}{_yaml_problem(exc)}"))
         return None
     except RecursionError:
         problems.append(Problem(path, "", "invalid YAML: nested too deeply"))

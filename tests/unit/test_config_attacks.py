@@ -109,3 +109,19 @@ def test_a_state_file_that_is_a_fifo_does_not_hang_the_start(tmp_path: Path, nam
     assert found, "StateFile.load hung on a FIFO"
     entries, status = found[0]  # type: ignore[misc]
     assert entries == {} and status == ("corrupt" if name == "offsets.json" else "absent")
+
+
+# -- secrets never printed: PyYAML quotes tags and aliases, which are the value when unquoted
+
+
+@pytest.mark.parametrize("password", ["!Pa55word", "*Pa55word", "!!Pa55word", "!<Pa55word>",
+                                      "!Pa55word rest"])
+@pytest.mark.parametrize("command", ["check", "status"])
+def test_a_yaml_error_never_shows_the_password(tmp_path: Path, password: str, command: str) -> None:
+    path = write(tmp_path, "couchdb:\n  url: http://admin@127.0.0.1:5984\n"
+                 f"  password: {password}\nstate_dir: state\n")
+    result = agent(command, "-c", str(path))
+    assert result.returncode == 2, result.stderr
+    assert f"agent: config error: {path}: invalid YAML: line 3, column 13: " in result.stderr
+    assert "quote a value that starts with !" in result.stderr
+    assert "Pa55word" not in result.stdout + result.stderr
