@@ -796,18 +796,22 @@ def _others_can_read(path: Path | str) -> bool:
 
 def _read_password(main: _File, path: Path, warnings: list[Problem]) -> str | None:
     try:
-        lines = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8").splitlines()
+        # utf-8-sig: an editor's byte order mark is no part of the password.
+        text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         main.problem("couchdb.password_file", f"cannot read the password from {path}: {reason}")
         return None
-    if not lines or not lines[0]:
+    # The first line ends at \n (\r\n too) only: str.splitlines would also cut at \f, \x85 or
+    # U+2028, characters a password may hold.
+    password = text.split("\n", 1)[0].removesuffix("\r")
+    if not password:
         main.problem("couchdb.password_file", f"{path} is empty; put the password on its first line")
         return None
     if _others_can_read(path):
         warnings.append(Problem(path, "couchdb.password_file", "every user can read this password "
                                 "file; chmod 0600 it (or 0640 with the agent's group)"))
-    return lines[0]
+    return password
 
 
 def _load_sources(folder: Path, problems: list[Problem]) -> tuple[SourceConfig, ...]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import config
 from agent.offsets import StateFile
 from tests.unit.test_config_rules import write
 
@@ -125,3 +126,20 @@ def test_a_yaml_error_never_shows_the_password(tmp_path: Path, password: str, co
     assert f"agent: config error: {path}: invalid YAML: line 3, column 13: " in result.stderr
     assert "quote a value that starts with !" in result.stderr
     assert "Pa55word" not in result.stdout + result.stderr
+
+
+# -- the password file holds the password as written
+
+
+@pytest.mark.parametrize(("content", "password"), [
+    ("\ufeffs3cret\r\n", "s3cret"),  # a Windows editor's BOM and line end
+    ("s3cret\r\nsecond line\n", "s3cret"),
+    ("s3c\fret\n", "s3c\fret"), ("s3c\x85ret", "s3c\x85ret"), ("s3c\u2028ret\n", "s3c\u2028ret"),
+    ("s3c\x1cret\n", "s3c\x1cret"), (" s3cret \n", " s3cret "),
+])
+def test_the_password_file_gives_its_first_line_whole(tmp_path: Path, content: str,
+                                                      password: str) -> None:
+    path = write(tmp_path, {"couchdb": {"url": "http://admin@127.0.0.1:5984",
+                                        "password_file": "password"}, "state_dir": "state"})
+    (tmp_path / "password").write_bytes(content.encode())
+    assert config.load(path).couchdb.password == password
