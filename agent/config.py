@@ -642,6 +642,31 @@ def _expanded_nodes(root: object) -> int | None:
     return size(root)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last silently, so a second `url:` or `password:` written further down (or left
+    from an edit) would quietly replace the first. Keys merged in with `<<: *anchor` may still
+    be overridden: that is what merging is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = name in seen
+            except TypeError:  # unhashable: the base class says so
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {name} twice; YAML would keep only the last, so give it once",
+                    key_node.start_mark)
+            seen.add(name)
+        return super().construct_mapping(node, deep=deep)
+
+
 _YAML_TOKEN = re.compile(r"'(?:[^'\\]|\\.){2,}'")
 """A quoted word of more than one character in a PyYAML message: a tag or alias name, which is
 the value as written when an unquoted value starts with `!` or `*` (`password: !Pa55`)."""
@@ -677,7 +702,7 @@ def load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
         problems.append(Problem(path, "", f"cannot read: {exc}"))
         return None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
         nodes = _expanded_nodes(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

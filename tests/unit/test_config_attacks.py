@@ -143,3 +143,36 @@ def test_the_password_file_gives_its_first_line_whole(tmp_path: Path, content: s
                                         "password_file": "password"}, "state_dir": "state"})
     (tmp_path / "password").write_bytes(content.encode())
     assert config.load(path).couchdb.password == password
+
+
+# -- YAML that changes values silently
+
+
+@pytest.mark.parametrize("text", [
+    "couchdb:\n  url: http://a:5984\n  url: http://b:5984\nstate_dir: state\n",
+    "couchdb:\n  url: http://a:5984\nstate_dir: state\nstate_dir: other\n",
+    "couchdb: {url: 'http://a:5984', url: 'http://b:5984'}\nstate_dir: state\n",
+])
+def test_a_key_given_twice_is_a_config_error(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    result = agent("check", "-c", str(path))
+    assert result.returncode == 2, result.stdout
+    assert f"agent: config error: {path}: invalid YAML: line " in result.stderr
+    assert "twice" in result.stderr
+
+
+def test_a_key_given_twice_in_a_source_file_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, sources={"s.yaml": "name: app\npaths: [/var/log/a.log]\n"
+                                    "format: json\nfields: {env: prod, env: test}\n"})
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert "found the key env twice" in str(info.value)
+
+
+def test_merged_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    path = write(tmp_path, "base: &base {url: 'http://a:5984', request_timeout: 5}\n"
+                 "couchdb:\n  <<: *base\n  url: http://b:5984\nstate_dir: state\n")
+    problems: list[config.Problem] = []
+    data = config.load_yaml(path, problems)
+    assert not problems and data is not None
+    assert data["couchdb"] == {"url": "http://b:5984", "request_timeout": 5}
