@@ -562,6 +562,16 @@ class _File:
         self.problems = problems
         leaves = {k.path for k in keys}
         self.flat = _flatten(data, leaves)
+        sections = {leaf[:i] for leaf in leaves for i, c in enumerate(leaf) if c == "."}
+        for path in sorted(sections & set(self.flat)):
+            # A section written as something else than a mapping: `shipping:` with all its keys
+            # commented out is an empty section; a list or text there is a mistake to name as
+            # such, not an "unknown key".
+            value = self.flat.pop(path)
+            if value is not None:
+                inner = sorted(leaf for leaf in leaves if leaf.startswith(path + "."))
+                self.problem(path, f"expected a mapping of keys ({', '.join(inner[:3])}"
+                             f"{', ...' if len(inner) > 3 else ''}), got {_kind(value)}")
         for unknown in sorted(set(self.flat) - leaves):
             close = difflib.get_close_matches(unknown, sorted(leaves), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -176,3 +176,32 @@ def test_merged_keys_may_still_be_overridden(tmp_path: Path) -> None:
     data = config.load_yaml(path, problems)
     assert not problems and data is not None
     assert data["couchdb"] == {"url": "http://b:5984", "request_timeout": 5}
+
+
+# -- keys of the wrong type where a section goes
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("couchdb: [http://a:5984]\n", "couchdb: expected a mapping of keys (couchdb.ca_file, "
+     "couchdb.failback_after, couchdb.password, ...), got a list"),
+    ("couchdb: http://a:5984\n", "couchdb: expected a mapping of keys (couchdb.ca_file, "),
+    ("couchdb: {url: 'http://a:5984'}\nshipping: fast\n", "shipping: expected a mapping of keys "),
+    ("couchdb: {url: 'http://a:5984'}\nlog: debug\n", "log: expected a mapping of keys "
+     "(log.format, log.level), got str"),
+])
+def test_a_section_that_is_no_mapping_says_so(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text + "state_dir: state\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert f"{path}: {expected}" in str(info.value)
+    assert "unknown key" not in str(info.value)
+
+
+def test_an_empty_section_is_no_section(tmp_path: Path) -> None:
+    """`shipping:` with every key below it commented out means the defaults."""
+    path = write(tmp_path, "couchdb: {url: 'http://a:5984'}\nshipping:\n#  linger: 1s\nlog:\n"
+                 "spool:\nstate_dir: state\n",
+                 sources={"s.yaml": "name: app\npaths: [/var/log/a.log]\nformat: json\n"
+                          "multiline:\n"})
+    cfg = config.load(path)
+    assert cfg.shipping == config.ShippingConfig() and cfg.sources[0].multiline is None
