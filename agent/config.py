@@ -19,6 +19,7 @@ import datetime
 import difflib
 import fnmatch
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -148,7 +149,8 @@ def _duration(value: object) -> float:
         if not match:
             raise ValueError(f"expected a duration such as 5, '200ms', '30s' or '2m', got {value!r}")
         seconds = float(match[1]) * _DURATION_UNITS[match[2]]
-    if seconds < 0:
+    # YAML reads .nan and .inf as floats: NaN makes every timeout fire at once (a busy loop).
+    if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"expected a duration of zero or more, got {value!r}")
     return seconds
 

@@ -205,3 +205,26 @@ def test_an_empty_section_is_no_section(tmp_path: Path) -> None:
                           "multiline:\n"})
     cfg = config.load(path)
     assert cfg.shipping == config.ShippingConfig() and cfg.sources[0].multiline is None
+
+
+@pytest.mark.parametrize("value", [".nan", ".NaN", ".inf", "-.inf", ".Inf"])
+@pytest.mark.parametrize("key", ["rotate_wait", "multiline.timeout"])
+def test_a_duration_must_be_a_finite_number(tmp_path: Path, value: str, key: str) -> None:
+    """YAML reads .nan and .inf as floats; a NaN timeout fires at once, every time."""
+    extra = {"rotate_wait": f"rotate_wait: {value}\n",
+             "multiline.timeout": f"multiline: {{start: '^x', timeout: {value}}}\n"}[key]
+    path = write(tmp_path, sources={"s.yaml": "name: app\npaths: [/var/log/a.log]\nformat: json\n"
+                                    + extra})
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert f"{key}: expected a duration of zero or more" in str(info.value)
+
+
+def test_a_main_file_duration_must_be_finite(tmp_path: Path) -> None:
+    path = write(tmp_path, "couchdb: {url: 'http://a:5984', request_timeout: .inf}\n"
+                 "shipping: {linger: .nan}\nscan_interval: .nan\nstate_dir: state\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    text = str(info.value)
+    assert all(f"{k}: expected a duration" in text
+               for k in ("couchdb.request_timeout", "shipping.linger", "scan_interval"))
