@@ -119,7 +119,12 @@ def _status(args: argparse.Namespace) -> int:
     reading = status_file.read()
     text, code = report(reading, status_file.path)
     if args.json and isinstance(reading.value, dict):
-        sys.stdout.buffer.write(orjson.dumps(reading.value, option=orjson.OPT_INDENT_2) + b"\n")
+        try:
+            raw = orjson.dumps(reading.value, option=orjson.OPT_INDENT_2) + b"\n"
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes: no snapshot anyway
+            print(text)
+        else:
+            sys.stdout.buffer.write(raw)
     else:
         print(text)
     return code

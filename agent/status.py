@@ -184,7 +184,10 @@ def mismatch(value: Any, shape: Any = None, where: str = "") -> str | None:
 
 
 def _brief(value: Any) -> str:
-    text = json.dumps(value)  # not orjson: a value from elsewhere may hold integers past 64 bits
+    try:
+        text = json.dumps(value)  # not orjson: a value from elsewhere may hold integers past 64 bits
+    except RecursionError:  # orjson reads JSON nested 1024 deep, json writes fewer levels
+        return "a value nested too deeply"
     return text if len(text) <= 40 else text[:37] + "..."
 
 

@@ -228,3 +228,17 @@ def test_a_main_file_duration_must_be_finite(tmp_path: Path) -> None:
     text = str(info.value)
     assert all(f"{k}: expected a duration" in text
                for k in ("couchdb.request_timeout", "shipping.linger", "scan_interval"))
+
+
+# -- status: a snapshot nested deeply is UNKNOWN, never a traceback
+
+
+@pytest.mark.parametrize("depth", [300, 1000])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_deeply_nested_snapshot_is_unknown(tmp_path: Path, depth: int, as_json: bool) -> None:
+    path = write(tmp_path)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "status.json").write_text('{"pid": ' + "[" * depth + "]" * depth + "}")
+    result = agent("status", "-c", str(path), *(["--json"] if as_json else []))
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.startswith("unknown: the status file ") and not result.stderr
