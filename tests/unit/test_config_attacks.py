@@ -242,3 +242,31 @@ def test_a_deeply_nested_snapshot_is_unknown(tmp_path: Path, depth: int, as_json
     result = agent("status", "-c", str(path), *(["--json"] if as_json else []))
     assert result.returncode == 3, result.stderr
     assert result.stdout.startswith("unknown: the status file ") and not result.stderr
+
+
+# -- one state_dir, one agent
+
+
+def test_a_second_agent_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    """Two agents on one state_dir would share temp files and spool segments (lines lost): the
+    second is refused at start, and may start once the first has ended."""
+    first = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                              "from agent.offsets import StateFile; "
+                              "StateFile(Path(sys.argv[1])).load(); print('locked', flush=True); "
+                              "sys.stdin.read()", str(tmp_path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "locked\n"
+        (tmp_path / "offsets.json").write_bytes(b"kept")  # the first agent's offsets
+        with pytest.raises(OSError, match=rf"state_dir {tmp_path} is in use by another agent "
+                           rf"\(pid {first.pid}\); stop it, or give this one its own state_dir"):
+            StateFile(tmp_path).load()
+        with pytest.raises(OSError, match="is in use by another agent"):
+            StateFile(tmp_path).save({"version": 1, "files": {}})
+        assert (tmp_path / "offsets.json").read_bytes() == b"kept"
+    finally:
+        first.communicate(timeout=HANG_GUARD)
+    assert first.returncode == 0
+    (tmp_path / "offsets.json").unlink()
+    assert StateFile(tmp_path).load() == ({}, "absent")
+    assert StateFile(tmp_path).load() == ({}, "absent")  # the same process may load again
