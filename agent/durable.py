@@ -70,10 +70,14 @@ def replace_file(path: Path, data: bytes, mode: int = 0o600, sync: bool = True) 
     renamed into place short. On OSError the temp file is removed and `path` is untouched."""
     tmp = tmp_path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        # A new temp file each time, never one found there: opening a FIFO left in its place
+        # for writing would wait forever for a reader (the agent's tick with it), and a symlink
+        # there would have its target truncated and rewritten. O_EXCL follows no link.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
-            # An older temp file keeps its mode through O_TRUNC: set it, as it is what `path` gets.
-            os.fchmod(fd, mode)
+            os.fchmod(fd, mode)  # the umask may have taken bits off `mode`
             write_all(fd, data)
             if sync:
                 os.fsync(fd)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import config
+from agent import config, durable
 from agent.offsets import StateFile
+from agent.status import StatusFile
 from tests.unit.test_config_rules import write
 
 HANG_GUARD = 60
@@ -270,3 +271,29 @@ def test_a_second_agent_on_the_same_state_dir_is_refused(tmp_path: Path) -> None
     (tmp_path / "offsets.json").unlink()
     assert StateFile(tmp_path).load() == ({}, "absent")
     assert StateFile(tmp_path).load() == ({}, "absent")  # the same process may load again
+
+
+# -- durable writes: whatever is left where the temp file goes
+
+
+def test_a_fifo_left_as_the_status_temp_file_does_not_hang_the_agent(tmp_path: Path) -> None:
+    """Opening a FIFO for writing waits for a reader: the agent's tick would wait with it."""
+    status = StatusFile(tmp_path)
+    os.mkfifo(durable.tmp_path(status.path))
+    done: list[bool] = []
+    writer = threading.Thread(target=lambda: done.append(status.write({"pid": 1})), daemon=True)
+    writer.start()
+    writer.join(HANG_GUARD)
+    assert done == [True], "the status write hung on a FIFO"
+    assert status.path.read_bytes() == b'{\n  "pid": 1\n}'
+
+
+def test_a_symlink_left_as_the_offsets_temp_file_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not the agent's")
+    (tmp_path / "state").mkdir()
+    state = StateFile(tmp_path / "state")
+    durable.tmp_path(state.path).symlink_to(victim)
+    state.save({"version": 1, "files": {}})
+    assert victim.read_bytes() == b"not the agent's"
+    assert state.load() == ({}, "ok") and not durable.tmp_path(state.path).exists()
