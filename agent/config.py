@@ -285,7 +285,13 @@ def split_url(text: str) -> SplitUrl:
         user, colon, secret = userinfo.partition(":")
         if not user:
             raise ValueError(f"{shown!r} has no user name before the password")
-        username, password = unquote(user), (unquote(secret) if colon else None)
+        try:
+            # strict: a %XX escape that is no UTF-8 would silently become U+FFFD in the password
+            username = unquote(user, errors="strict")
+            password = unquote(secret, errors="strict") if colon else None
+        except UnicodeDecodeError:
+            raise ValueError(f"{shown!r}: a %XX escape in the user or password is not UTF-8 "
+                             "(write a literal % as %25)") from None
     clean = f"{scheme[1].lower()}://{hostpart}"
     try:
         parts = urlsplit(clean)

@@ -297,3 +297,15 @@ def test_a_symlink_left_as_the_offsets_temp_file_is_not_followed(tmp_path: Path)
     state.save({"version": 1, "files": {}})
     assert victim.read_bytes() == b"not the agent's"
     assert state.load() == ({}, "ok") and not durable.tmp_path(state.path).exists()
+
+
+@pytest.mark.parametrize("userinfo", ["admin:s3cr%ffet", "adm%c3in:s3cret", "admin:%e2%9c"])
+def test_a_url_escape_that_is_no_utf8_is_refused_not_replaced(tmp_path: Path, userinfo: str) -> None:
+    path = write(tmp_path, {"couchdb": {"url": f"http://{userinfo}@127.0.0.1:5984"},
+                            "state_dir": "state"})
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    text = str(info.value)
+    assert "couchdb.url: 'http://***@127.0.0.1:5984': a %XX escape in the user or password is " \
+           "not UTF-8" in text
+    assert "s3cr" not in text and "%e2" not in text
