@@ -959,7 +959,7 @@ def globs_reaching(config: AgentConfig) -> list[Problem]:
     """Sources whose globs could match a file under state_dir (the agent would ship its own
     state, and every write of it would be a new line)."""
     state = [_parts(config.state_dir)]
-    resolved = _parts(config.state_dir.resolve())
+    resolved = _parts(_real(config.state_dir))
     if resolved not in state:
         state.append(resolved)
     found = []
@@ -973,6 +973,12 @@ def globs_reaching(config: AgentConfig) -> list[Problem]:
     return found
 
 
+def _real(path: Path) -> Path:
+    """`path` with its symlinks resolved as far as they go: Path.resolve raises RuntimeError on
+    a symlink loop (`ln -s a a`), os.path.realpath stops there."""
+    return Path(os.path.realpath(path))
+
+
 def _parts(path: Path) -> tuple[str, ...]:
     return Path(os.path.normpath(path)).parts
 
@@ -981,7 +987,7 @@ def _resolved_glob(glob: str) -> tuple[str, ...]:
     """The glob with its folders before the first wildcard resolved (a symlink to state_dir)."""
     parts = _parts(Path(glob))
     fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
-    return Path(*parts[:fixed]).resolve().parts + parts[fixed:] if fixed else parts
+    return _real(Path(*parts[:fixed])).parts + parts[fixed:] if fixed else parts
 
 
 def _may_reach(pattern: Sequence[str], folder: Sequence[str]) -> bool:

@@ -309,3 +309,16 @@ def test_a_url_escape_that_is_no_utf8_is_refused_not_replaced(tmp_path: Path, us
     assert "couchdb.url: 'http://***@127.0.0.1:5984': a %XX escape in the user or password is " \
            "not UTF-8" in text
     assert "s3cr" not in text and "%e2" not in text
+
+
+@pytest.mark.parametrize("where", ["paths", "state_dir"])
+def test_a_symlink_loop_in_a_glob_or_state_dir_is_no_traceback(tmp_path: Path, where: str) -> None:
+    (tmp_path / "loop").symlink_to("loop")
+    main = {"couchdb": {"url": "http://127.0.0.1:5984"},
+            "state_dir": "loop/state" if where == "state_dir" else "state"}
+    glob = str(tmp_path / ("loop/*.log" if where == "paths" else "*.log"))
+    path = write(tmp_path, main, sources={"s.yaml": {"name": "app", "paths": [glob],
+                                                     "format": "json"}})
+    result = agent("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("app: json") and "Traceback" not in result.stderr
