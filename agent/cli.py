@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -141,7 +140,7 @@ def _check(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         print(f"agent: config warning: {warning}", file=sys.stderr)
     for source in config.sources:
-        files = {p for pattern in source.paths for p in glob.glob(pattern, recursive=True)}
+        files = {p for pattern in source.paths for p in config_module.expand_glob(pattern)}
         parser: str = source.format
         if source.pattern is not None:
             parser += f" ({len(source.pattern.groupindex)} fields)"

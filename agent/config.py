@@ -18,6 +18,7 @@ import codecs
 import datetime
 import difflib
 import fnmatch
+import glob
 import ipaddress
 import math
 import os
@@ -955,6 +956,36 @@ def compile_regex(text: str, named_groups: bool = True) -> re.Pattern[str]:
 # -- checks that look outside the configuration
 
 
+def expand_glob(pattern: str) -> list[str]:
+    """The paths `pattern` matches now, as `glob.glob(pattern, recursive=True)` gives them,
+    except that `**` never descends into a symlinked folder.
+
+    glob follows such links: two links in a watched folder (`ln -s . a; ln -s .. b`), which
+    anyone who may write there can make, turn a `**` into 2**40 paths, and the scan (and
+    `agent check`) never ends. Folders reached by a link are not followed, as symlinks are not
+    followed by default (follow_symlinks)."""
+    parts = Path(pattern).parts
+    if "**" not in parts:
+        return glob.glob(pattern)
+    cut = parts.index("**")
+    head, rest = parts[:cut], parts[cut + 1:]
+    found = []
+    for base in glob.glob(str(Path(*head))) if head else ["."]:
+        if not os.path.isdir(base):
+            continue
+        for walked, folders, files in os.walk(base):  # followlinks=False: the point of this
+            folders[:] = sorted(f for f in folders if not f.startswith("."))  # as glob: no hidden
+            folder = walked if head else os.path.relpath(walked)  # glob's "a/b", not "./a/b"
+            inside = [] if folder == "." else [folder]
+            if not rest:  # a trailing ** matches every folder and file below
+                found += inside + [os.path.join(*inside, f) for f in files if not f.startswith(".")]
+            else:
+                found += expand_glob(os.path.join(*map(glob.escape, inside), *rest))
+    return found
+
+
+
+
 def globs_reaching(config: AgentConfig) -> list[Problem]:
     """Sources whose globs could match a file under state_dir (the agent would ship its own
     state, and every write of it would be a new line)."""
@@ -964,10 +995,10 @@ def globs_reaching(config: AgentConfig) -> list[Problem]:
         state.append(resolved)
     found = []
     for source in config.sources:
-        for glob in source.paths:
-            spellings = {_parts(Path(glob)), _resolved_glob(glob)}
+        for written in source.paths:
+            spellings = {_parts(Path(written)), _resolved_glob(written)}
             if any(_may_reach(pattern, folder) for pattern in spellings for folder in state):
-                found.append(Problem(source.file, "paths", f"{glob!r} can match files in state_dir "
+                found.append(Problem(source.file, "paths", f"{written!r} can match files in state_dir "
                                      f"({config.state_dir}); the agent would ship its own state. "
                                      "Narrow the glob or move state_dir"))
     return found

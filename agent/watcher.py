@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
-import glob
 import os
 import stat
 import threading
@@ -37,7 +36,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from agent.config import SourceConfig
+from agent.config import SourceConfig, expand_glob
 from agent.tailer import Found, TailerSet
 
 log = structlog.get_logger("agent.watcher")
@@ -50,7 +49,7 @@ def scan(sources: Sequence[SourceConfig]) -> list[Found]:
     """Every regular file the sources' globs match now, less their exclusions. Blocking."""
     found = []
     for source in sources:
-        paths = sorted({p for pattern in source.paths for p in glob.glob(pattern, recursive=True)})
+        paths = sorted({p for pattern in source.paths for p in expand_glob(pattern)})
         for path in paths:
             if excluded(path, source.exclude_paths):
                 continue

@@ -5,6 +5,7 @@ changes silently. None may hang, eat memory, traceback or print a secret."""
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from agent import config, durable
 from agent.offsets import StateFile
 from agent.status import StatusFile
+from agent.watcher import scan
 from tests.unit.test_config_rules import write
 
 HANG_GUARD = 60
@@ -322,3 +324,58 @@ def test_a_symlink_loop_in_a_glob_or_state_dir_is_no_traceback(tmp_path: Path, w
     result = agent("check", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("app: json") and "Traceback" not in result.stderr
+
+
+# -- globs: ** never descends into a symlinked folder
+
+
+def tree(root: Path) -> None:
+    for name in ["a.log", "b.txt", ".hidden.log", "x/c.log", "x/y/d.log", "x/y/z/e.log",
+                 ".h/f.log", "x/.h/g.log", "w[1]/h.log", "w[1]/v/i.log"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("line\n")
+
+
+@pytest.mark.parametrize("pattern", ["**/*.log", "**", "*/**/*.log", "x/**/y/**/*.log",
+                                     "**/.h*", "**/y", "x/**/*.log", "w[[]1]/**/*.log",
+                                     "*.log", "nothing/**/*.log", "**/e.log"])
+def test_expand_glob_matches_as_glob_does(tmp_path: Path, pattern: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    tree(tmp_path)
+    absolute = str(tmp_path / pattern)
+    assert sorted(p.rstrip("/") for p in glob.glob(absolute, recursive=True)) == \
+        sorted(config.expand_glob(absolute))
+    monkeypatch.chdir(tmp_path)
+    assert sorted(p.rstrip("/") for p in glob.glob(pattern, recursive=True) if p) == \
+        sorted(config.expand_glob(pattern))
+
+
+def test_symlinked_folders_cannot_make_a_glob_explode(tmp_path: Path) -> None:
+    """Two links in a watched folder made `**` walk 2**40 paths: check never ended."""
+    tree(tmp_path / "logs")
+    (tmp_path / "logs" / "x" / "self").symlink_to(".")
+    (tmp_path / "logs" / "x" / "up").symlink_to("..")
+    pattern = str(tmp_path / "logs" / "**" / "*.log")
+    assert sorted(config.expand_glob(pattern)) == sorted(
+        str(tmp_path / "logs" / p) for p in ["a.log", "x/c.log", "x/y/d.log", "x/y/z/e.log",
+                                             "w[1]/h.log", "w[1]/v/i.log"])
+    path = write(tmp_path, sources={"s.yaml": {"name": "app", "paths": [pattern],
+                                               "format": "json"}})
+    result = agent("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "1 glob(s), 6 file(s) now" in result.stdout
+
+
+def test_the_agents_scan_is_not_made_to_explode_by_symlinked_folders(tmp_path: Path) -> None:
+    tree(tmp_path)
+    (tmp_path / "x" / "self").symlink_to(".")
+    (tmp_path / "x" / "up").symlink_to("..")
+    source = config.SourceConfig(name="app", file="s.yaml", paths=(str(tmp_path / "**" / "*.log"),))
+    found: list[list[str]] = []
+    scanner = threading.Thread(target=lambda: found.append([f.path for f in scan([source])]),
+                               daemon=True)
+    scanner.start()
+    scanner.join(HANG_GUARD)
+    assert found, "the scan never ended"
+    assert sorted(found[0]) == sorted(str(tmp_path / p) for p in [
+        "a.log", "x/c.log", "x/y/d.log", "x/y/z/e.log", "w[1]/h.log", "w[1]/v/i.log"])
