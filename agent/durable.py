@@ -47,9 +47,15 @@ def append_file(path: Path, data: bytes, mode: int = 0o600) -> None:
     OSError the file is cut back to its old size: no torn record is left for the next one to
     follow. Callers that share the file between threads hold a lock around this: the cut
     assumes no one else appended meanwhile."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode)
+    # Non-blocking and no link followed: a FIFO left at `path` would hold the open until a
+    # reader comes, and a symlink would have its target appended to.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, mode)
     try:
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)", str(path))
+        size = info.st_size
         try:
             append(fd, data)
         except OSError:

@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 
 from agent import config, durable
+from agent.deadletter import DeadLetterFile, Rejection
 from agent.offsets import StateFile
 from agent.status import StatusFile
+from agent.types import Document, FileId, SourceFile
 from agent.watcher import scan
 from tests.unit.test_config_rules import write
 
+FILE = SourceFile("app", FileId(1, 2, "ab"))
 HANG_GUARD = 60
 """Seconds before a command counts as hung: not a speed limit, each case answers at once."""
 
@@ -379,3 +382,31 @@ def test_the_agents_scan_is_not_made_to_explode_by_symlinked_folders(tmp_path: P
     assert found, "the scan never ended"
     assert sorted(found[0]) == sorted(str(tmp_path / p) for p in [
         "a.log", "x/c.log", "x/y/d.log", "x/y/z/e.log", "w[1]/h.log", "w[1]/v/i.log"])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_fifo_or_symlink_as_the_dead_letter_file_is_refused_at_once(tmp_path: Path,
+                                                                      kind: str) -> None:
+    """A FIFO would hold the shipper's append until a reader comes; a link would have its
+    target appended to. Either is a failed append (the documents stay unacknowledged)."""
+    dead = DeadLetterFile(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"")
+    if kind == "fifo":
+        os.mkfifo(dead.path)
+    else:
+        dead.path.symlink_to(victim)
+    errors: list[OSError] = []
+
+    def append() -> None:
+        try:
+            dead.append("log_app", [Rejection(Document("a:1", b'{"_id":"a:1"}', FILE, 1),
+                                              "forbidden", "no")])
+        except OSError as exc:
+            errors.append(exc)
+
+    appender = threading.Thread(target=append, daemon=True)
+    appender.start()
+    appender.join(HANG_GUARD)
+    assert len(errors) == 1, "the append hung or succeeded"
+    assert victim.read_bytes() == b""
