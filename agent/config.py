@@ -170,6 +170,13 @@ def _string_list(value: object) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _glob_list(value: object) -> tuple[str, ...]:
+    globs = _string_list(value)
+    if not globs:
+        raise ValueError("expected at least one glob; a source that follows no file ships nothing")
+    return globs
+
+
 def _regex_list(value: Any) -> tuple[re.Pattern[str], ...]:
     patterns = []
     for index, text in enumerate(_string_list(value)):
@@ -444,7 +451,7 @@ class SourceConfig:
     name: str = required(_string, "source name, [a-z][a-z0-9_-]*")
     file: Path | str
     database: str = key(_string, "", "database the documents go to", shown="log_<name>")
-    paths: tuple[str, ...] = required(_string_list, "globs of files to follow (** matches "
+    paths: tuple[str, ...] = required(_glob_list, "globs of files to follow (** matches "
                                       "folders), relative to the source file's folder")
     include: tuple[re.Pattern[str], ...] = key(_regex_list, (), "keep a line only if it matches "
                                                "every one of these regexes")

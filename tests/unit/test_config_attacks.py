@@ -410,3 +410,10 @@ def test_a_fifo_or_symlink_as_the_dead_letter_file_is_refused_at_once(tmp_path: 
     appender.join(HANG_GUARD)
     assert len(errors) == 1, "the append hung or succeeded"
     assert victim.read_bytes() == b""
+
+
+def test_a_source_without_any_glob_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, sources={"s.yaml": "name: app\npaths: []\nformat: json\n"})
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert "paths: expected at least one glob" in str(info.value)
