@@ -712,7 +712,8 @@ def load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
     try:
         text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8")
     except FileNotFoundError:
-        problems.append(Problem(path, "", "file not found; pass the right one with -c PATH"))
+        problems.append(Problem(path, "", "is a symlink to a missing file" if path.is_symlink()
+                                else "file not found; pass the right one with -c PATH"))
         return None
     except IsADirectoryError:
         problems.append(Problem(path, "", "is a folder, not a YAML file"))

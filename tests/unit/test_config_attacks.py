@@ -417,3 +417,11 @@ def test_a_source_without_any_glob_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError) as info:
         config.load(path)
     assert "paths: expected at least one glob" in str(info.value)
+
+
+def test_a_dangling_symlink_in_conf_d_is_named_as_such(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    (tmp_path / "conf.d" / "gone.yaml").symlink_to(tmp_path / "nowhere.yaml")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{tmp_path / 'conf.d' / 'gone.yaml'}: is a symlink to a missing file"
