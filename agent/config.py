@@ -693,16 +693,20 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_YAML_TOKEN = re.compile(r"'(?:[^'\\]|\\.){2,}'")
-"""A quoted word of more than one character in a PyYAML message: a tag or alias name, which is
-the value as written when an unquoted value starts with `!` or `*` (`password: !Pa55`)."""
+_YAML_TOKEN = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+"""A quoted word in a PyYAML message (the repr of a character, token, tag or alias name)."""
+_YAML_SAFE_WORD = re.compile(r".?|\\.|\\x..|<[\w ]+>")
+"""Words shown: one character (',', '\\t') or a token kind ('<block mapping start>'). A tag or
+alias name is not: it is the value as written when an unquoted value starts with ! or *
+(`password: !Pa55`)."""
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What PyYAML found wrong, without the words it quotes from the file: those may be a
     password, and `agent check` writes its messages to the journal. Line and column say where."""
     problem = str(getattr(exc, "problem", None) or exc)
-    shown = _YAML_TOKEN.sub("(not shown)", problem)
+    shown = _YAML_TOKEN.sub(lambda m: m[0] if _YAML_SAFE_WORD.fullmatch(m[0][1:-1])
+                            else "(not shown)", problem)
     if shown != problem:
         shown += "; quote a value that starts with !, &, * or another YAML sign"
     return shown

@@ -425,3 +425,26 @@ def test_a_dangling_symlink_in_conf_d_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError) as info:
         config.load(path)
     assert str(info.value) == f"{tmp_path / 'conf.d' / 'gone.yaml'}: is a symlink to a missing file"
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("a: [b\nc: d\n", "expected ',' or ']', but got ':'"),
+    ("a:\n  b: c\n d: e\n", "expected <block end>, but found '<block mapping start>'"),
+    ("a:\n\tb: c\n", "found character '\\t' that cannot start any token"),
+])
+def test_yaml_errors_that_quote_no_value_are_shown_whole(tmp_path: Path, text: str,
+                                                         shown: str) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    problems: list[config.Problem] = []
+    assert config.load_yaml(path, problems) is None
+    assert problems[0].message.endswith(shown), problems[0].message
+
+
+@pytest.mark.parametrize("password", ["!Pa55'word", '!Pa55"word', "!Pa55\\word"])
+def test_a_yaml_error_never_shows_a_password_with_quotes(tmp_path: Path, password: str) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"couchdb:\n  password: {password}\n")
+    problems: list[config.Problem] = []
+    assert config.load_yaml(path, problems) is None
+    assert "Pa55" not in problems[0].message and "word" not in problems[0].message
