@@ -267,13 +267,20 @@ class SplitUrl:
 
 def redact_url(text: str) -> str:
     """`text` with everything up to its last `@` (the user:password part) replaced by `***`.
+    Without an `@`, a port that is no port is replaced too: a password typed with `:` for `@`
+    (`http://admin:s3cret:host:5984`, `http://admin:s3cret`) stands where the port goes.
 
     Works on text that does not parse as a URL too, so an error message can show it."""
-    if "@" not in text:
-        return text
     scheme = _SCHEME.match(text)
     head = scheme[0] if scheme else ""
-    return f"{head}***@{text.rpartition('@')[2]}"
+    if "@" in text:
+        return f"{head}***@{text.rpartition('@')[2]}"
+    authority, slash, path = text[len(head):].partition("/")
+    host, colon, port = authority.partition(":")
+    if colon and not host.startswith("[") and not (port.isascii() and port.isdigit()
+                                                   and 0 < int(port) < 65536):
+        return f"{head}{host}:***{slash}{path}"
+    return text
 
 
 def split_url(text: str) -> SplitUrl:

@@ -448,3 +448,13 @@ def test_a_yaml_error_never_shows_a_password_with_quotes(tmp_path: Path, passwor
     problems: list[config.Problem] = []
     assert config.load_yaml(path, problems) is None
     assert "Pa55" not in problems[0].message and "word" not in problems[0].message
+
+
+@pytest.mark.parametrize("url", ["http://admin:S3cret9:couch.example:5984", "http://admin:S3cret9",
+                                 "ftp://admin:S3cret9", "admin:S3cret9", "http://admin:S3cret9/db",
+                                 "http://admin:123456789"])
+def test_a_password_typed_with_a_colon_for_the_at_is_not_shown(tmp_path: Path, url: str) -> None:
+    path = write(tmp_path, {"couchdb": {"url": url}, "state_dir": "state"})
+    result = agent("check", "-c", str(path))
+    assert result.returncode == 2 and "couchdb.url: " in result.stderr, result.stderr
+    assert "S3cret9" not in result.stderr and "123456789" not in result.stderr, result.stderr
