@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -176,7 +175,12 @@ def _status(args: argparse.Namespace) -> int:
     text, code = report(reading, status_file.path, limits=limits,
                         dead_letter_at=last_dead_letter(state_dir))
     if args.json and isinstance(reading.value, dict):
-        sys.stdout.buffer.write(orjson.dumps(reading.value, option=orjson.OPT_INDENT_2) + b"\n")
+        try:
+            raw = orjson.dumps(reading.value, option=orjson.OPT_INDENT_2) + b"\n"
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes: no snapshot anyway
+            print(text)
+        else:
+            sys.stdout.buffer.write(raw)
     else:
         print(text)
     return code
@@ -193,7 +197,8 @@ def _check(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         print(f"agent: config warning: {warning}", file=sys.stderr)
     for source in config.sources:
-        files = {p for pattern in source.paths for p in glob.glob(pattern, recursive=True)}
+        files = {p for pattern in source.paths
+                 for p in config_module.expand_glob(pattern, source.follow_symlinks)}
         parser: str = source.format
         if source.pattern is not None:
             parser += f" ({len(source.pattern.groupindex)} fields)"

@@ -18,7 +18,9 @@ import codecs
 import datetime
 import difflib
 import fnmatch
+import glob
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -31,11 +33,14 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from agent.durable import read_regular_file
 from agent.patterns import Pattern, compile_fields_regex, compile_pattern
 from agent.schema import SchemaError, compile_schema
 
 DEFAULT_CONFIG_PATH = Path("/etc/couchlog/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/couchlog")
+MAX_FILE_BYTES = 1024**2
+"""Largest configuration or password file read: a real one is a few KiB."""
 PASSWORD_ENV = "COUCHLOG_PASSWORD"
 SOURCE_NAME = re.compile(r"[a-z][a-z0-9_-]*")
 DATABASE_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]*")
@@ -145,7 +150,8 @@ def _duration(value: object) -> float:
         if not match:
             raise ValueError(f"expected a duration such as 5, '200ms', '30s' or '2m', got {value!r}")
         seconds = float(match[1]) * _DURATION_UNITS[match[2]]
-    if seconds < 0:
+    # YAML reads .nan and .inf as floats: NaN makes every timeout fire at once (a busy loop).
+    if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"expected a duration of zero or more, got {value!r}")
     return seconds
 
@@ -162,6 +168,13 @@ def _string_list(value: object) -> tuple[str, ...]:
         except ValueError as exc:
             raise ValueError(f"item {index}: {exc}") from None
     return tuple(items)
+
+
+def _glob_list(value: object) -> tuple[str, ...]:
+    globs = _string_list(value)
+    if not globs:
+        raise ValueError("expected at least one glob; a source that follows no file ships nothing")
+    return globs
 
 
 def _regex_list(value: Any) -> tuple[Pattern, ...]:
@@ -254,13 +267,20 @@ class SplitUrl:
 
 def redact_url(text: str) -> str:
     """`text` with everything up to its last `@` (the user:password part) replaced by `***`.
+    Without an `@`, a port that is no port is replaced too: a password typed with `:` for `@`
+    (`http://admin:s3cret:host:5984`, `http://admin:s3cret`) stands where the port goes.
 
     Works on text that does not parse as a URL too, so an error message can show it."""
-    if "@" not in text:
-        return text
     scheme = _SCHEME.match(text)
     head = scheme[0] if scheme else ""
-    return f"{head}***@{text.rpartition('@')[2]}"
+    if "@" in text:
+        return f"{head}***@{text.rpartition('@')[2]}"
+    authority, slash, path = text[len(head):].partition("/")
+    host, colon, port = authority.partition(":")
+    if colon and not host.startswith("[") and not (port.isascii() and port.isdigit()
+                                                   and 0 < int(port) < 65536):
+        return f"{head}{host}:***{slash}{path}"
+    return text
 
 
 def split_url(text: str) -> SplitUrl:
@@ -280,7 +300,13 @@ def split_url(text: str) -> SplitUrl:
         user, colon, secret = userinfo.partition(":")
         if not user:
             raise ValueError(f"{shown!r} has no user name before the password")
-        username, password = unquote(user), (unquote(secret) if colon else None)
+        try:
+            # strict: a %XX escape that is no UTF-8 would silently become U+FFFD in the password
+            username = unquote(user, errors="strict")
+            password = unquote(secret, errors="strict") if colon else None
+        except UnicodeDecodeError:
+            raise ValueError(f"{shown!r}: a %XX escape in the user or password is not UTF-8 "
+                             "(write a literal % as %25)") from None
     clean = f"{scheme[1].lower()}://{hostpart}"
     try:
         parts = urlsplit(clean)
@@ -459,7 +485,7 @@ class SourceConfig:
     name: str = required(_string, "source name, [a-z][a-z0-9_-]*")
     file: Path | str
     database: str = key(_string, "", "database the documents go to", shown="log_<name>")
-    paths: tuple[str, ...] = required(_string_list, "globs of files to follow (** matches "
+    paths: tuple[str, ...] = required(_glob_list, "globs of files to follow (** matches "
                                       "folders), relative to the source file's folder")
     include: tuple[Pattern, ...] = key(_regex_list, (), "keep a line only if it matches "
                                                "every one of these regexes")
@@ -588,6 +614,16 @@ class _File:
         self.problems = problems
         leaves = {k.path for k in keys}
         self.flat = _flatten(data, leaves)
+        sections = {leaf[:i] for leaf in leaves for i, c in enumerate(leaf) if c == "."}
+        for path in sorted(sections & set(self.flat)):
+            # A section written as something else than a mapping: `shipping:` with all its keys
+            # commented out is an empty section; a list or text there is a mistake to name as
+            # such, not an "unknown key".
+            value = self.flat.pop(path)
+            if value is not None:
+                inner = sorted(leaf for leaf in leaves if leaf.startswith(path + "."))
+                self.problem(path, f"expected a mapping of keys ({', '.join(inner[:3])}"
+                             f"{', ...' if len(inner) > 3 else ''}), got {_kind(value)}")
         for unknown in sorted(set(self.flat) - leaves):
             close = difflib.get_close_matches(unknown, sorted(leaves), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -668,11 +704,56 @@ def _expanded_nodes(root: object) -> int | None:
     return size(root)
 
 
-def _load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last silently, so a second `url:` or `password:` written further down (or left
+    from an edit) would quietly replace the first. Keys merged in with `<<: *anchor` may still
+    be overridden: that is what merging is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = name in seen
+            except TypeError:  # unhashable: the base class says so
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {name} twice; YAML would keep only the last, so give it once",
+                    key_node.start_mark)
+            seen.add(name)
+        return super().construct_mapping(node, deep=deep)
+
+
+_YAML_TOKEN = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+"""A quoted word in a PyYAML message (the repr of a character, token, tag or alias name)."""
+_YAML_SAFE_WORD = re.compile(r".?|\\.|\\x..|<[\w ]+>")
+"""Words shown: one character (',', '\\t') or a token kind ('<block mapping start>'). A tag or
+alias name is not: it is the value as written when an unquoted value starts with ! or *
+(`password: !Pa55`)."""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, without the words it quotes from the file: those may be a
+    password, and `agent check` writes its messages to the journal. Line and column say where."""
+    problem = str(getattr(exc, "problem", None) or exc)
+    shown = _YAML_TOKEN.sub(lambda m: m[0] if _YAML_SAFE_WORD.fullmatch(m[0][1:-1])
+                            else "(not shown)", problem)
+    if shown != problem:
+        shown += "; quote a value that starts with !, &, * or another YAML sign"
+    return shown
+
+
+def load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8")
     except FileNotFoundError:
-        problems.append(Problem(path, "", "file not found; pass the right one with -c PATH"))
+        problems.append(Problem(path, "", "is a symlink to a missing file" if path.is_symlink()
+                                else "file not found; pass the right one with -c PATH"))
         return None
     except IsADirectoryError:
         problems.append(Problem(path, "", "is a folder, not a YAML file"))
@@ -681,16 +762,19 @@ def _load_yaml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
         problems.append(Problem(path, "", "cannot read: permission denied; run as a user who "
                                 "can read it"))
         return None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        problems.append(Problem(path, "", f"cannot read: {exc.strerror or exc}"))
+        return None
+    except UnicodeDecodeError as exc:
         problems.append(Problem(path, "", f"cannot read: {exc}"))
         return None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
         nodes = _expanded_nodes(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problems.append(Problem(path, "", f"invalid YAML: {where}{getattr(exc, 'problem', exc)}"))
+        problems.append(Problem(path, "", f"invalid YAML: {where}{_yaml_problem(exc)}"))
         return None
     except RecursionError:
         problems.append(Problem(path, "", "invalid YAML: nested too deeply"))
@@ -718,7 +802,7 @@ def load(path: Path, need_secret: bool = True) -> AgentConfig:
     read, so an operator who may not read the password can still load the configuration."""
     problems: list[Problem] = []
     warnings: list[Problem] = []
-    data = _load_yaml(path, problems)
+    data = load_yaml(path, problems)
     if data is None:
         raise ConfigError(problems)
     main = _File(path, data, MAIN_KEYS, problems)
@@ -819,18 +903,22 @@ def _others_can_read(path: Path | str) -> bool:
 
 def _read_password(main: _File, path: Path, warnings: list[Problem]) -> str | None:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: an editor's byte order mark is no part of the password.
+        text = read_regular_file(path, MAX_FILE_BYTES).decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         main.problem("couchdb.password_file", f"cannot read the password from {path}: {reason}")
         return None
-    if not lines or not lines[0]:
+    # The first line ends at \n (\r\n too) only: str.splitlines would also cut at \f, \x85 or
+    # U+2028, characters a password may hold.
+    password = text.split("\n", 1)[0].removesuffix("\r")
+    if not password:
         main.problem("couchdb.password_file", f"{path} is empty; put the password on its first line")
         return None
     if _others_can_read(path):
         warnings.append(Problem(path, "couchdb.password_file", "every user can read this password "
                                 "file; chmod 0600 it (or 0640 with the agent's group)"))
-    return lines[0]
+    return password
 
 
 def _load_sources(folder: Path, problems: list[Problem]) -> tuple[SourceConfig, ...]:
@@ -844,7 +932,7 @@ def _load_sources(folder: Path, problems: list[Problem]) -> tuple[SourceConfig, 
                                 "source (see config/conf.d/ for an example)"))
     sources = []
     for file in files:
-        data = _load_yaml(file, problems)
+        data = load_yaml(file, problems)
         if data is not None:
             source = source_from_mapping(file, data, problems, base=file.parent)
             if source is not None:
@@ -929,22 +1017,63 @@ def compile_regex(text: str, named_groups: bool = True) -> Pattern:
 # -- checks that look outside the configuration
 
 
+def expand_glob(pattern: str, follow_links: bool = False) -> list[str]:
+    """The paths `pattern` matches now, as `glob.glob(pattern, recursive=True)` gives them,
+    except that `**` descends into a symlinked folder only with `follow_links`, and then into
+    each real folder once.
+
+    glob follows such links every time: two links in a watched folder (`ln -s . a; ln -s .. b`),
+    which anyone who may write there can make, turn a `**` into 2**40 paths, and the scan (and
+    `agent check`) never ends. By default folders reached by a link are not entered, as
+    symlinks are not followed by default (follow_symlinks)."""
+    parts = Path(pattern).parts
+    if "**" not in parts:
+        return glob.glob(pattern)
+    cut = parts.index("**")
+    head, rest = parts[:cut], parts[cut + 1:]
+    found = []
+    seen: set[str] = set()
+    for base in glob.glob(str(Path(*head))) if head else ["."]:
+        if not os.path.isdir(base):
+            continue
+        for walked, folders, files in os.walk(base, followlinks=follow_links):
+            real = os.path.realpath(walked)
+            if real in seen:  # a link back into the tree: walked already
+                folders[:] = []
+                continue
+            seen.add(real)
+            folders[:] = sorted(f for f in folders if not f.startswith("."))  # as glob: no hidden
+            folder = walked if head else os.path.relpath(walked)  # glob's "a/b", not "./a/b"
+            inside = [] if folder == "." else [folder]
+            if not rest:  # a trailing ** matches every folder and file below
+                found += inside + [os.path.join(*inside, f) for f in files if not f.startswith(".")]
+            else:
+                found += expand_glob(os.path.join(*map(glob.escape, inside), *rest), follow_links)
+    return found
+
+
 def globs_reaching(config: AgentConfig) -> list[Problem]:
     """Sources whose globs could match a file under state_dir (the agent would ship its own
     state, and every write of it would be a new line)."""
     state = [_parts(config.state_dir)]
-    resolved = _parts(config.state_dir.resolve())
+    resolved = _parts(_real(config.state_dir))
     if resolved not in state:
         state.append(resolved)
     found = []
     for source in config.sources:
-        for glob in source.paths:
-            spellings = {_parts(Path(glob)), _resolved_glob(glob)}
+        for written in source.paths:
+            spellings = {_parts(Path(written)), _resolved_glob(written)}
             if any(_may_reach(pattern, folder) for pattern in spellings for folder in state):
-                found.append(Problem(source.file, "paths", f"{glob!r} can match files in state_dir "
+                found.append(Problem(source.file, "paths", f"{written!r} can match files in state_dir "
                                      f"({config.state_dir}); the agent would ship its own state. "
                                      "Narrow the glob or move state_dir"))
     return found
+
+
+def _real(path: Path) -> Path:
+    """`path` with its symlinks resolved as far as they go: Path.resolve raises RuntimeError on
+    a symlink loop (`ln -s a a`), os.path.realpath stops there."""
+    return Path(os.path.realpath(path))
 
 
 def _parts(path: Path) -> tuple[str, ...]:
@@ -955,7 +1084,7 @@ def _resolved_glob(glob: str) -> tuple[str, ...]:
     """The glob with its folders before the first wildcard resolved (a symlink to state_dir)."""
     parts = _parts(Path(glob))
     fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
-    return Path(*parts[:fixed]).resolve().parts + parts[fixed:] if fixed else parts
+    return _real(Path(*parts[:fixed])).parts + parts[fixed:] if fixed else parts
 
 
 def _may_reach(pattern: Sequence[str], folder: Sequence[str]) -> bool:

@@ -6,6 +6,9 @@ into place with its folder fsynced.
 writer of agent state goes through `write_all`, which keeps writing until all is written or the
 kernel raises (ENOSPC, say), so a partial write is never mistaken for a complete one.
 
+`read_regular_file` is the safe read of such a file (and of the configuration): it never
+blocks on a FIFO and never reads an endless device.
+
 All functions block (write, fsync, rename): call them through a thread.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from pathlib import Path
 
 
@@ -43,9 +47,15 @@ def append_file(path: Path, data: bytes, mode: int = 0o600) -> None:
     OSError the file is cut back to its old size: no torn record is left for the next one to
     follow. Callers that share the file between threads hold a lock around this: the cut
     assumes no one else appended meanwhile."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, mode)
+    # Non-blocking and no link followed: a FIFO left at `path` would hold the open until a
+    # reader comes, and a symlink would have its target appended to.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, mode)
     try:
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)", str(path))
+        size = info.st_size
         try:
             append(fd, data)
         except OSError:
@@ -66,10 +76,14 @@ def replace_file(path: Path, data: bytes, mode: int = 0o600, sync: bool = True) 
     renamed into place short. On OSError the temp file is removed and `path` is untouched."""
     tmp = tmp_path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        # A new temp file each time, never one found there: opening a FIFO left in its place
+        # for writing would wait forever for a reader (the agent's tick with it), and a symlink
+        # there would have its target truncated and rewritten. O_EXCL follows no link.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
-            # An older temp file keeps its mode through O_TRUNC: set it, as it is what `path` gets.
-            os.fchmod(fd, mode)
+            os.fchmod(fd, mode)  # the umask may have taken bits off `mode`
             write_all(fd, data)
             if sync:
                 os.fsync(fd)
@@ -95,5 +109,30 @@ def fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_regular_file(path: Path, max_bytes: int | None) -> bytes:
+    """The content of the regular file at `path`, or OSError; never blocks, never reads more
+    than `max_bytes`. A plain read would wait forever on a FIFO put in a file's place and
+    fill memory from a link to /dev/zero; this opens without blocking and reads only a regular
+    file (checked on the open descriptor, not the path) no larger than `max_bytes`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)", str(path))
+        chunks = []
+        size = 0
+        # Read to the end rather than trust st_size: the file may grow while it is read.
+        while chunk := os.read(fd, 64 * 1024):
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", str(path))
+            chunks.append(chunk)
+        return b"".join(chunks)
     finally:
         os.close(fd)

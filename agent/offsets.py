@@ -17,6 +17,8 @@ has and answers with `conflict`.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import time
 from collections import deque
@@ -212,18 +214,23 @@ class OffsetStore:
 
 
 class StateFile:
-    """The offsets on disk, replaced atomically on every write."""
+    """The offsets on disk, replaced atomically on every write; and the lock that makes
+    state_dir one agent's."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "offsets.json"
         self._tmp = durable.tmp_path(self.path)
+        self.lock_path = state_dir / "lock"
+        self._lock_fd: int | None = None
 
     def load(self) -> tuple[dict[SourceFile, FileProgress], StateStatus]:
-        """Read the committed offsets; a damaged file is moved aside and reported, never fatal.
+        """Lock state_dir, then read the committed offsets; a damaged file is moved aside and
+        reported, never fatal. OSError if another agent holds state_dir.
 
         The status tells a first start ("absent") and a lost state ("corrupt") from "ok".
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock()
         tmp_entries = self._read(self._tmp, quiet=True)
         if tmp_entries is not None:
             # A complete temp file means a write was fsynced but not yet renamed: it is newer.
@@ -242,14 +249,45 @@ class StateFile:
             return {}, "corrupt"
         return entries, "ok"
 
+    def _lock(self) -> None:
+        """Hold an exclusive lock on state_dir until this process ends (the kernel drops it).
+
+        Two agents on one state_dir (the service, and an `agent run` started by hand with the
+        same config) would write the same temp files, so a torn offsets.json could be renamed
+        into place, and cut or delete each other's spool segments: lines lost. The second one
+        is refused at start instead. A POSIX lock (lockf), as it belongs to the process: an
+        agent started again in the same process (tests do) takes it again."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"state_dir {self.path.parent} is in use by another agent "
+                          f"(pid {holder}); stop it, or give this one its own state_dir") from None
+        except OSError:
+            os.close(fd)
+            raise
+        # The holder's pid, for the message above: a help only, the lock is what counts.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
     def save(self, snapshot: dict[str, Any]) -> None:
         """Write `snapshot` durably (all bytes, fsync, rename, fsync of the folder), or raise
-        OSError and leave the last saved state as it was. Blocking."""
+        OSError and leave the last saved state as it was. Blocking.
+
+        Takes state_dir's lock first if `load` did not: an agent refused at start must not
+        write its empty offsets over those of the agent that holds state_dir."""
+        self._lock()
         durable.replace_file(self.path, orjson.dumps(snapshot))
 
     def _read(self, path: Path, quiet: bool) -> dict[SourceFile, FileProgress] | None:
         try:
-            raw = orjson.loads(path.read_bytes())
+            raw = orjson.loads(durable.read_regular_file(path, None))
             if raw.get("version") != STATE_VERSION:
                 raise ValueError(f"unknown state version {raw.get('version')!r}")
             return {SourceFile.parse(key): _progress(e) for key, e in raw["files"].items()}

@@ -61,7 +61,6 @@ from typing import Any
 
 import orjson
 import structlog
-import yaml
 
 from agent import durable
 from agent.config import (
@@ -69,6 +68,7 @@ from agent.config import (
     ConfigError,
     Problem,
     StatusConfig,
+    load_yaml,
     redact_url,
     status_thresholds,
 )
@@ -95,6 +95,8 @@ EXIT_OK, EXIT_WARNING, EXIT_CRITICAL, EXIT_UNKNOWN = (int(level) for level in Le
 EXIT_DEGRADED = EXIT_WARNING
 """The name of 1 before CRITICAL existed (kept for callers)."""
 EXIT_NOT_RUNNING = EXIT_UNKNOWN
+MAX_BYTES = 16 * 1024**2
+"""Largest snapshot read: the agent writes a few KiB (the files furthest behind, not all)."""
 MODE = 0o640
 """Readable by the agent's group, so an operator in it can run `agent status` without root."""
 log = structlog.get_logger("agent.status")
@@ -117,13 +119,10 @@ def state_dir_of(config_path: Path) -> Path:
 
 def settings_of(config_path: Path) -> tuple[Path, StatusConfig]:
     """`state_dir` and the `status.*` thresholds of the main config file, and nothing else."""
-    try:
-        data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError([Problem(config_path, "", "file not found; pass the right one with "
-                                   "-c PATH")]) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
-        raise ConfigError([Problem(config_path, "", f"cannot read: {exc}")]) from None
+    problems: list[Problem] = []
+    data = load_yaml(config_path, problems)
+    if data is None:
+        raise ConfigError(problems)
     data = data if isinstance(data, dict) else {}
     value = data.get("state_dir", str(DEFAULT_STATE_DIR))
     if not isinstance(value, str) or not value:
@@ -169,7 +168,7 @@ class StatusFile:
 
     def read(self) -> Reading:
         try:
-            data = self.path.read_bytes()
+            data = durable.read_regular_file(self.path, MAX_BYTES)
         except FileNotFoundError:
             return Reading()
         except OSError as exc:
@@ -294,7 +293,10 @@ def mismatch(value: Any, shape: Any = None, where: str = "") -> str | None:
 
 
 def _brief(value: Any) -> str:
-    text = json.dumps(value)  # not orjson: a value from elsewhere may hold integers past 64 bits
+    try:
+        text = json.dumps(value)  # not orjson: a value from elsewhere may hold integers past 64 bits
+    except RecursionError:  # orjson reads JSON nested 1024 deep, json writes fewer levels
+        return "a value nested too deeply"
     return text if len(text) <= 40 else text[:37] + "..."
 
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import errno
 import fnmatch
-import glob
 import os
 import stat
 import threading
@@ -38,7 +37,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from agent.config import SourceConfig
+from agent.config import SourceConfig, expand_glob
 from agent.identity import file_kind
 from agent.tailer import Found, Skipped, TailerSet
 
@@ -59,7 +58,7 @@ def scan(sources: Sequence[SourceConfig],
     for source in sources:
         bases: dict[str, str] = {}
         for pattern in source.paths:
-            for p in glob.glob(pattern, recursive=True):
+            for p in expand_glob(pattern, source.follow_symlinks):
                 bases.setdefault(p, _fixed_folder(pattern))
         for path in sorted(bases):
             if excluded(path, source.exclude_paths):

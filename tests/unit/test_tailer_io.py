@@ -53,6 +53,11 @@ def test_scan_skips_files_reached_through_a_symlinked_folder(tmp_path: Path) -> 
     (logs / "linked").symlink_to(secret)
     pattern = str(logs / "**" / "*.log")
     found, skipped = scan([source(paths=[pattern])])
+    # `**` does not enter a symlinked folder (config.expand_glob): nothing there is reached.
+    assert [f.path for f in found] == [str(logs / "app" / "app.log")]
+    assert skipped == []
+    # A glob that names the linked folder itself reaches the file, and skips it.
+    found, skipped = scan([source(paths=[str(logs / "*" / "*.log")])])
     assert [f.path for f in found] == [str(logs / "app" / "app.log")]
     assert [(s.path, s.reason) for s in skipped] == [
         (str(logs / "linked" / "private.log"),
