@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import secrets
 from collections import Counter
@@ -245,3 +246,34 @@ def test_agent_send_through_the_front_anonymously_stores_once(front: Front, couc
     sent = Counter(str(doc["msg"]) for doc in couch.docs(front.db)
                    if str(doc.get("msg", "")).startswith("sent "))
     assert sent == Counter(f"sent {i}" for i in range(50))
+
+
+@pytest.mark.parametrize("authorization", ["x", "Bearer x", "Digest username=\"x\"", "Basic",
+                                           "Basic !!", "Basic " + "A" * 4 + " extra"])
+@pytest.mark.parametrize("path", ["/{db}/_find", "/{db}/_bulk_get", "/{db}/_all_docs"])
+def test_a_request_with_other_than_basic_credentials_cannot_read(front: Front, stored_doc: str,
+                                                                 authorization: str,
+                                                                 path: str) -> None:
+    # Such a request reaches CouchDB as anonymous; pouchdb-server then answers `_find` and
+    # `_bulk_get` with the documents.
+    body = json.dumps({"selector": {}, "docs": [{"id": stored_doc}], "keys": [stored_doc]})
+    answer = front.client.request("POST", path.format(db=front.db), body,
+                                  headers={"Authorization": authorization})
+    assert answer.status in (401, 403), answer
+    assert stored_doc.encode() not in answer.body
+
+
+def test_a_compressed_anonymous_write_cannot_pass_the_size_cap(front: Front, couch: CouchDB) -> None:
+    # 2 MiB of JSON in a few KiB of gzip, against the front's 1m cap: CouchDB would inflate it.
+    doc_id = f"app.gzip.{secrets.token_hex(4)}"
+    big = gzip.compress(json.dumps({"_id": doc_id, "msg": "x" * (2 * 1024 * 1024)}).encode())
+    assert len(big) < 64 * 1024
+    for suffix, body in (("", big), ("/_bulk_docs", gzip.compress(json.dumps(
+            {"docs": [{"_id": doc_id, "msg": "x" * (2 * 1024 * 1024)}]}).encode()))):
+        answer = front.client.request("POST", f"/{front.db}{suffix}", body,
+                                      headers={"Content-Encoding": "gzip"})
+        assert not 200 <= answer.status < 300, answer
+    assert couch.request("GET", f"/{front.db}/{doc_id}")[0] == 404
+    # Uncompressed, the same front still takes a small anonymous write.
+    small = front.client.request("POST", f"/{front.db}", json.dumps({"_id": doc_id, "msg": "s"}))
+    assert small.status in (201, 202), small
