@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from agent.config import AgentConfig, ConfigError, Problem
+from agent.config import DATABASE_NAME, AgentConfig, ConfigError, Problem
 
 ROLE_AGENT = "couchlog_agent"
 ROLE_PUBLIC = "couchlog_public"
@@ -252,11 +252,17 @@ def plan_user(user: User, current: Any, password_ok: bool) -> Change | None:
                 "roles": [user.role], "password": user.password}
         return Change("PUT", user.path, body, f"create user {user.name} with role {user.role}")
     roles = list(current.get("roles") or [])
-    if user.role in roles and password_ok:
+    wanted = roles if user.role in roles else [*roles, user.role]
+    if user.role == ROLE_PUBLIC:
+        # nginx gives this login to every anonymous client: so would any other role it held
+        # (couchlog_agent would let anyone pre-empt the agent's ids, couchlog_reader read).
+        wanted = [ROLE_PUBLIC]
+    if roles == wanted and password_ok:
         return None
-    body = {**current, "roles": roles if user.role in roles else [*roles, user.role],
-            "password": user.password}
-    what = "its password" if user.role in roles else f"role {user.role}"
+    body = {**current, "roles": wanted, "password": user.password}
+    dropped = [role for role in roles if role not in wanted]
+    what = ("its password" if roles == wanted else f"role {user.role}" if not dropped
+            else f"roles {', '.join(wanted)} only (it had {', '.join(roles)})")
     return Change("PUT", user.path, body, f"update user {user.name}: {what}")
 
 
@@ -615,6 +621,11 @@ def command(args: argparse.Namespace, config: AgentConfig | None,
     replication = _replication(args, bare, admin, problems)
     users = _users(args, config, problems)
     databases = tuple(dict.fromkeys(args.db or (s.database for s in (config.sources if config else ()))))
+    for db in args.db:
+        # `_users` or `_replicator` would get the log databases' members and validation.
+        if not DATABASE_NAME.fullmatch(db) or db == DASHBOARD_DB:
+            problems.append(Problem("agent setup", "--db", f"{db!r} is not a log database name: "
+                                    "lowercase letters, digits and _$()+/-, starting with a letter"))
     if not databases and not args.replication_status:
         problems.append(Problem("agent setup", "--db", "no database: give --db NAME or -c CONFIG "
                                 "with sources"))
@@ -747,6 +758,8 @@ def _nginx(args: argparse.Namespace, url: str | None, problems: list[Problem]) -
     else:
         # The file holds the public writer's credentials: readable by its owner only.
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # The mode above applies only to a new file: a file rendered before may be readable.
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
     return 0

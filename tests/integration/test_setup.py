@@ -4,13 +4,16 @@ replication documents, the config API, and no secret in its output."""
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 import yaml
@@ -256,3 +259,55 @@ def test_install_design_documents_is_idempotent(couchdb_url: str, couch: CouchDB
         f"update _design/reports in {database}"]
     after = [couch.request("GET", f"/{database}/{d['_id']}")[1]["_rev"] for d in docs]
     assert after[1] == revs[1] and after[0] != revs[0]
+
+
+def test_a_public_user_that_exists_with_other_roles_keeps_only_the_public_role(
+        scene: Scene, couch: CouchDB) -> None:
+    # nginx injects this user's login for every anonymous write: with couchlog_agent kept,
+    # anyone could take the agent's ids.
+    path = f"/_users/org.couchdb.user:{scene.public.name}"
+    assert couch.request("PUT", path, {
+        "_id": f"org.couchdb.user:{scene.public.name}", "name": scene.public.name, "type": "user",
+        "roles": ["couchlog_public", "couchlog_agent", "couchlog_reader"],
+        "password": scene.public.password})[0] == 201
+    done = scene.setup()
+    assert done.returncode == 0, done.stderr
+    assert f"update user {scene.public.name}: roles couchlog_public only" in done.stdout
+    assert couch.request("GET", path)[1]["roles"] == ["couchlog_public"]
+    db = scene.dbs[0]
+    agent_id = "s0:1.2.abc:000000000000"
+    token = base64.b64encode(f"{scene.public.name}:{scene.public.password}".encode()).decode()
+    request = urllib.request.Request(f"{scene.bare_url}/{db}", method="POST",
+                                     data=json.dumps({"_id": agent_id, "msg": "pre-empted"}).encode(),
+                                     headers={"Authorization": f"Basic {token}",
+                                              "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code in (401, 403)
+    assert couch.request("GET", f"/{db}/{agent_id}")[0] == 404
+    again = scene.setup()
+    assert again.returncode == 0 and again.stdout.startswith("nothing to change"), again.stdout
+
+
+@pytest.mark.parametrize("db", ["_users", "_replicator", "Log_upper", "log x", "couchlog_dashboard"])
+def test_setup_refuses_a_db_that_is_not_a_log_database_name(scene: Scene, couch: CouchDB,
+                                                             db: str) -> None:
+    before = couch.request("GET", f"/{quote(db, safe='')}/_security")
+    done = scene.setup("--dry-run", "--db", db)
+    assert done.returncode == 2, done.stdout
+    assert "--db" in done.stderr and "would" not in done.stdout
+    assert couch.request("GET", f"/{quote(db, safe='')}/_security") == before
+
+
+def test_the_rendered_front_is_owner_only_even_over_an_older_file(scene: Scene,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "couchlog.conf"
+    out.write_text("# an older rendering\n")
+    out.chmod(0o644)
+    done = run_agent("setup", "--nginx", "--url", scene.bare_url, "--cert", "/etc/c.pem", "--key",
+                     "/etc/c.key", "--public-user", scene.public.name, "--public-password-file",
+                     str(scene.public.password_file), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert base64.b64encode(f"{scene.public.name}:{scene.public.password}".encode()).decode() \
+        in out.read_text()
+    assert out.stat().st_mode & 0o777 == 0o600
