@@ -159,7 +159,10 @@ def _resolve(args: argparse.Namespace, config: AgentConfig | None) -> tuple[Sour
         problems.append(Problem("agent send", "--url", "give --url or -c CONFIG with couchdb.url"))
     if problems or source is None or db is None or url is None:
         raise ConfigError(problems)
-    bare, auth = split_credentials(url)
+    try:
+        bare, auth = split_credentials(url)
+    except ValueError as exc:
+        raise ConfigError([Problem("agent send", "--url", str(exc))]) from None
     if auth is None and not args.url and config is not None and config.couchdb.username is not None:
         auth = (config.couchdb.username, config.couchdb.password or "")
     return source, Target(bare, auth, db)

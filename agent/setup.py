@@ -24,9 +24,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
-from agent.config import DATABASE_NAME, AgentConfig, ConfigError, Problem
+from agent.config import DATABASE_NAME, AgentConfig, ConfigError, Problem, split_url
 
 ROLE_AGENT = "couchlog_agent"
 ROLE_PUBLIC = "couchlog_public"
@@ -344,17 +344,23 @@ def replication_document(replication: Replication, db: str) -> dict[str, Any]:
 
 
 def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
-    """A URL without its user and password, and those (None if it had none)."""
-    parts = urlsplit(url.rstrip("/"))
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    bare = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-    if parts.username is None:
-        return bare, None
-    return bare, (unquote(parts.username), unquote(parts.password or ""))
+    """A URL without its user and password, and those (None if it had none).
+
+    ValueError, with the credentials redacted, for what is no http(s) base URL: urllib's own
+    error would quote a piece of a password holding `/`, `?` or `#` (as a port)."""
+    split = split_url(url)
+    if split.username is None:
+        return split.url, None
+    return split.url, (split.username, split.password or "")
+
+
+def _split_option(url: str, where: str, flag: str,
+                  problems: list[Problem]) -> tuple[str, tuple[str, str] | None]:
+    try:
+        return split_credentials(url)
+    except ValueError as exc:
+        problems.append(Problem(where, flag, str(exc)))
+        return "", None
 
 
 # -- the I/O shell
@@ -614,7 +620,9 @@ def command(args: argparse.Namespace, config: AgentConfig | None,
         return _nginx(args, url, problems)
     if url is None:
         raise ConfigError([Problem("agent setup", "--url", "give --url or -c CONFIG with couchdb.url")])
-    bare, url_auth = split_credentials(url)
+    bare, url_auth = _split_option(url, "agent setup", "--url", problems)
+    if problems:
+        raise ConfigError(problems)
     if not args.url:
         url_auth = None  # the config's URL carries the agent's login, not an admin's
     admin = url_auth or (args.admin, _admin_password(args, problems))
@@ -711,10 +719,7 @@ def _replication(args: argparse.Namespace, source: str, admin: tuple[str, str],
                  problems: list[Problem]) -> Replication | None:
     if args.replicate_to is None:
         return None
-    target, auth = split_credentials(args.replicate_to)
-    if not urlsplit(target).hostname or urlsplit(target).scheme not in ("http", "https"):
-        problems.append(Problem("agent setup", "--replicate-to", f"expected an http(s) URL, got "
-                                f"{target!r}"))
+    target, auth = _split_option(args.replicate_to, "agent setup", "--replicate-to", problems)
     if args.replicate_password_file is not None:
         if auth is None:
             problems.append(Problem("agent setup", "--replicate-to", "put the user in the URL "
@@ -737,7 +742,7 @@ def _nginx(args: argparse.Namespace, url: str | None, problems: list[Problem]) -
             problems.append(Problem("agent setup --nginx", flag, "required with --nginx"))
     upstreams = list(args.upstream)
     if not upstreams and url is not None:
-        parts = urlsplit(url)
+        parts = urlsplit(_split_option(url, "agent setup --nginx", "--url", problems)[0])
         upstreams = [f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"]
     password = ("" if args.public_password_file is None else
                 _read_secret(args.public_password_file, "--public-password-file", problems))

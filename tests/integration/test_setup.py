@@ -311,3 +311,25 @@ def test_the_rendered_front_is_owner_only_even_over_an_older_file(scene: Scene,
     assert base64.b64encode(f"{scene.public.name}:{scene.public.password}".encode()).decode() \
         in out.read_text()
     assert out.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("secret", ["qzvk/wxyj", "qzvk#wxyj", "qzvk?wxyj"])
+@pytest.mark.parametrize("command", [("setup", "--dry-run", "--db", "log_x"),
+                                     ("setup", "--nginx", "--cert", "c.pem", "--key", "c.key",
+                                      "--public-password-file", "/dev/null"),
+                                     ("setup", "--db", "log_x", "--replicate-to"),
+                                     ("send", "--db", "log_x", "/dev/null")])
+def test_a_url_whose_password_holds_a_slash_or_hash_is_read_without_showing_it(
+        secret: str, command: tuple[str, ...]) -> None:
+    # urllib reads `http://admin:qzvk/wxyj@host` as host `admin`, port `qzvk`, and its traceback said
+    # so; the config's URL rule (the password ends at the last `@`) reads it as written.
+    url = f"http://admin:{secret}@127.0.0.1:9"
+    args = (*command, url) if command[-1] == "--replicate-to" else (*command, "--url", url)
+    if command[-1] == "--replicate-to":
+        args = (*args, "--url", "http://127.0.0.1:9")
+    done = run_agent(*args, env={"COUCHLOG_ADMIN_PASSWORD": "x"})
+    assert "Traceback" not in done.stderr, done.stderr
+    if command[0] == "send" or "--dry-run" in command:
+        assert "127.0.0.1:9" in done.stderr, done.stderr
+    for piece in ("qzvk", "wxyj"):
+        assert piece not in done.stdout + done.stderr
