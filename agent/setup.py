@@ -760,6 +760,8 @@ def _nginx(args: argparse.Namespace, url: str | None, problems: list[Problem]) -
         raise ConfigError([Problem("agent setup --nginx", "", str(exc))]) from None
     if args.output is None:
         sys.stdout.write(text)
+    elif args.dry_run:
+        print(f"would write {args.output} (readable by its owner only)")
     else:
         # The file holds the public writer's credentials: readable by its owner only.
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

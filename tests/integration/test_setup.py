@@ -333,3 +333,14 @@ def test_a_url_whose_password_holds_a_slash_or_hash_is_read_without_showing_it(
         assert "127.0.0.1:9" in done.stderr, done.stderr
     for piece in ("qzvk", "wxyj"):
         assert piece not in done.stdout + done.stderr
+
+
+def test_dry_run_renders_no_front_file(scene: Scene, tmp_path: Path) -> None:
+    out = tmp_path / "couchlog.conf"
+    out.write_text("# the front in use\n")
+    done = run_agent("setup", "--nginx", "--dry-run", "--url", scene.bare_url, "--cert", "/etc/c.pem",
+                     "--key", "/etc/c.key", "--public-user", scene.public.name,
+                     "--public-password-file", str(scene.public.password_file), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"would write {out} (readable by its owner only)\n"
+    assert out.read_text() == "# the front in use\n"
