@@ -3,10 +3,10 @@
 Lines come from a file or stdin, are parsed as JSON (`--db`) or with a
 source's parser (`-c CONFIG --source NAME`), and go to `_bulk_docs` in
 batches. Each document's `_id` is deterministic: the line's offset and a
-hash of the input's name (its absolute path, `-` for stdin, or `--name`) and
-of its bytes up to and including the line. A rerun over the same input (or
-a longer version of it, appended to) is answered `conflict` and doubles
-nothing, while two inputs never share an id. Without
+hash of the input's name (its absolute path, or `--name`) and of its bytes up
+to and including the line. A rerun over the same input (or a longer version of
+it, appended to) is answered `conflict` and doubles nothing, while two inputs
+never share an id; unnamed stdin is a new input on every run. Without
 credentials (through the nginx front) the ids take the public writer's
 prefix. The exit code says what failed; the summary goes to stderr.
 """
@@ -83,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=5, metavar="N",
                         help="attempts per batch after the first, with backoff (default 5)")
     parser.add_argument("--name", metavar="NAME", help="what names the input in the ids (default: "
-                        "the file's absolute path, - for stdin): the same name and content give "
-                        "the same ids")
+                        "the file's absolute path; stdin is a new input on every run): the same "
+                        "name and content give the same ids")
     parser.add_argument("--random-ids", action="store_true",
                         help="let CouchDB choose the ids (a rerun then stores every line again)")
 
@@ -178,7 +178,10 @@ def _documents(parser: SourceParser, name: str, id_name: str | None, target: Tar
     path = "-" if name == "-" else os.path.abspath(name)
     sent_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     meta = {"source": label, "host": parser.host, "path": path, "read_at": sent_at}
-    running = hashlib.blake2b((id_name or path).encode() + b"\n", digest_size=8)
+    # Stdin has no name to recognise a rerun by: unnamed, each run is a new input (a cron job's
+    # `echo '{"msg":"backup ok"}' | agent send -` must store every day's line, not only the first).
+    input_name = id_name or (f"-{uuid.uuid4().hex}" if path == "-" else path)
+    running = hashlib.blake2b(input_name.encode() + b"\n", digest_size=8)
     batch: list[Document] = []
     for lines in _lines(name, source):
         hashes = []

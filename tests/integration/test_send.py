@@ -108,3 +108,15 @@ def test_exit_codes_say_what_failed(couchdb_url: str, couch: CouchDB, database: 
     usage = run_agent("send", "--url", couchdb_url, str(data))
     assert usage.returncode == 2
     assert couch.count(database) == 0
+
+
+def test_the_same_line_piped_in_on_two_runs_is_stored_twice(couchdb_url: str, couch: CouchDB,
+                                                             database: str) -> None:
+    # A daily `echo '{"msg":"backup ok"}' | agent send -`: the second day's line is a new event.
+    line = {"msg": "backup ok"}
+    for run in (1, 2):
+        done = run_agent("send", "--url", couchdb_url, "--db", database, "-",
+                         stdin=(json.dumps(line) + "\n").encode())
+        assert done.returncode == 0, done.stderr
+        assert "1 stored, 0 already stored" in done.stderr, (run, done.stderr)
+    assert stored(couch, database) == expected([line, line])
