@@ -453,21 +453,44 @@ def observe(client: Client, wanted: Wanted, server: Server) -> Seen:
     return seen
 
 
-def apply(client: Client, changes: Iterable[Change]) -> None:
+class Raced(SetupError):
+    """The server changed between observing and applying (another `agent setup`, say)."""
+
+
+def apply(client: Client, changes: Iterable[Change], applied: list[Change] | None = None) -> None:
+    """Make each change in turn, adding it to `applied` once made."""
     for change in changes:
         status, body = client.request(change.method, change.path, change.body)
         if status not in (200, 201, 202):
-            raise SetupError(f"{change.summary}: {change.method} {change.path.split('?')[0]} "
-                             f"answered HTTP {status} {_error(body)}")
+            error = Raced if status in (409, 412) else SetupError
+            raise error(f"{change.summary}: {change.method} {change.path.split('?')[0]} "
+                        f"answered HTTP {status} {_error(body)}")
+        if applied is not None:
+            applied.append(change)
 
 
 def provision(client: Client, wanted: Wanted, dry_run: bool = False) -> Plan:
-    """Detect, observe, plan and (unless `dry_run`) apply; return what was (or would be) done."""
+    """Detect, observe, plan and (unless `dry_run`) apply; return what was (or would be) done.
+
+    A conflict (a database or document that appeared since it was observed, as when two setups
+    run at once) makes it observe and plan again, as long as each plan is shorter than the one
+    before: what the other run did is not redone, and a server that keeps changing ends it."""
     server = detect(client)
-    result = plan(wanted, server, observe(client, wanted, server))
-    if not dry_run:
-        apply(client, result.changes)
-    return result
+    applied: list[Change] = []
+    before: int | None = None
+    while True:
+        result = plan(wanted, server, observe(client, wanted, server))
+        if dry_run:
+            return result
+        try:
+            apply(client, result.changes, applied)
+        except Raced:
+            if before is not None and len(result.changes) >= before:
+                raise
+            before = len(result.changes)
+            continue
+        result.changes = applied
+        return result
 
 
 def install_design_documents(client: Client, db: str, docs: Sequence[dict[str, Any]],

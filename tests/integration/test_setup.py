@@ -344,3 +344,44 @@ def test_dry_run_renders_no_front_file(scene: Scene, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"would write {out} (readable by its owner only)\n"
     assert out.read_text() == "# the front in use\n"
+
+
+def test_two_setups_at_once_both_succeed(scene: Scene, couch: CouchDB) -> None:
+    from agent.setup import (
+        ROLE_AGENT,
+        Client,
+        User,
+        Wanted,
+        log_security,
+        provision,
+        split_credentials,
+        validation_document,
+    )
+
+    class RacedClient(Client):
+        """Another `agent setup` makes each change just before this one does (deterministic)."""
+
+        def __init__(self, url: str, auth: tuple[str, str] | None) -> None:
+            super().__init__(url, auth)
+            self.raced: set[str] = set()
+
+        def request(self, method: str, path: str, body: Any = None,
+                    auth: Any = "admin") -> tuple[int, Any]:
+            if method == "PUT" and path not in self.raced:
+                self.raced.add(path)
+                super().request(method, path, body, auth)
+            return super().request(method, path, body, auth)
+
+    url, admin = split_credentials(scene.url)
+    db = scene.dbs[0]
+    wanted = Wanted((db,), (User(scene.agent.name, scene.agent.password, ROLE_AGENT),))
+    result = provision(RacedClient(url, admin), wanted)
+    # What the other run made first is not counted as this run's.
+    assert f"create database {db}" not in [change.summary for change in result.changes]
+    assert couch.request("GET", f"/{db}")[0] == 200
+    assert couch.request("GET", f"/{db}/_security")[1] == log_security()
+    installed = couch.request("GET", f"/{db}/_design/couchlog_validate")[1]
+    assert installed["validate_doc_update"] == validation_document()["validate_doc_update"]
+    assert couch.request("GET", f"/_users/org.couchdb.user:{scene.agent.name}")[1]["roles"] == [
+        ROLE_AGENT]
+    assert provision(Client(url, admin), wanted).changes == []
