@@ -735,6 +735,11 @@ def _users(args: argparse.Namespace, config: AgentConfig | None,
         users.append(User(args.reader, _read_secret(args.reader_password_file,
                                                      "--reader-password-file", problems),
                           ROLE_READER))
+    names = [user.name for user in users]
+    for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+        # One login with two roles: the public writer's would give anonymous clients the other.
+        problems.append(Problem("agent setup", "--public-user", f"user {name!r} is named for more "
+                                "than one role (agent, public writer, reader): give each its own"))
     return tuple(users)
 
 

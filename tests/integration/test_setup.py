@@ -385,3 +385,13 @@ def test_two_setups_at_once_both_succeed(scene: Scene, couch: CouchDB) -> None:
     assert couch.request("GET", f"/_users/org.couchdb.user:{scene.agent.name}")[1]["roles"] == [
         ROLE_AGENT]
     assert provision(Client(url, admin), wanted).changes == []
+
+
+def test_one_user_for_two_roles_is_refused(scene: Scene, couch: CouchDB) -> None:
+    # The agent's user as the public writer: nginx would hand the agent's rights to anyone.
+    done = run_agent("setup", "-c", str(scene.config), "--url", scene.url,
+                     "--public-user", scene.agent.name,
+                     "--public-password-file", str(scene.public.password_file))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "more than one role" in done.stderr
+    assert couch.request("GET", f"/_users/org.couchdb.user:{scene.agent.name}")[0] == 404
