@@ -51,6 +51,8 @@ JsEngine = Literal["quickjs", "spidermonkey"]
 # The public writer (whose credentials nginx injects for anonymous POSTs) may only use ids
 # CouchDB generated (32 hex digits; pouchdb-server makes UUIDs) or its own prefix, so it can
 # never take an id the agent will use later (the agent would read the `conflict` as delivered).
+# CouchDB refuses an `_id` that is no string before validating; pouchdb-server does not, and
+# answered 500 with the function's stack trace.
 VALIDATE_DOC_UPDATE = r"""function (newDoc, oldDoc, userCtx, secObj) {
   var roles = userCtx.roles || [];
   if (roles.indexOf('_admin') !== -1) { return; }
@@ -64,8 +66,9 @@ VALIDATE_DOC_UPDATE = r"""function (newDoc, oldDoc, userCtx, secObj) {
   }
   if (newDoc._deleted) { throw({forbidden: 'writers may not delete documents'}); }
   if (newDoc._attachments) { throw({forbidden: 'writers may not add attachments'}); }
+  var id = newDoc._id;
+  if (typeof id !== 'string') { throw({forbidden: 'the _id must be a string'}); }
   if (!agent) {
-    var id = newDoc._id;
     var generated = /^[0-9a-f]{32}$/.test(id) ||
       /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(id);
     if (!generated && id.indexOf('app.') !== 0) {

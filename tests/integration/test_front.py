@@ -277,3 +277,16 @@ def test_a_compressed_anonymous_write_cannot_pass_the_size_cap(front: Front, cou
     # Uncompressed, the same front still takes a small anonymous write.
     small = front.client.request("POST", f"/{front.db}", json.dumps({"_id": doc_id, "msg": "s"}))
     assert small.status in (201, 202), small
+
+
+@pytest.mark.parametrize("doc_id", [12, {"a": 1}, ["app.x"], True])
+def test_a_public_write_with_an_id_that_is_no_string_is_refused_cleanly(front: Front,
+                                                                         doc_id: object) -> None:
+    for suffix, payload in (("", {"_id": doc_id, "msg": "x"}),
+                            ("/_bulk_docs", {"docs": [{"_id": doc_id, "msg": "x"}]})):
+        answer = front.client.request("POST", f"/{front.db}{suffix}", json.dumps(payload))
+        if answer.status == 201 and suffix:
+            assert all(row.get("error") for row in answer.json()), answer
+        else:
+            assert answer.status in (400, 403), answer
+        assert b"TypeError" not in answer.body and b"node_modules" not in answer.body, answer
