@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import stat
 import sys
 import time
 import uuid
@@ -106,9 +107,11 @@ def command(args: argparse.Namespace, config: AgentConfig | None) -> int:
     parser = SourceParser(source, host=config.host if config else _hostname(), counters=counters)
     sender = Sender(client, target, args.retries)
     code = EXIT_OK
+    held: list[str] = []
     try:
         for name in args.files or ["-"]:
-            batches = _documents(parser, name, args.name, target, args.batch_size, args.random_ids)
+            batches = _documents(parser, name, args.name, target, args.batch_size, args.random_ids,
+                                 held)
             for batch in batches:
                 sender.send(batch)
     except OSError as exc:
@@ -118,6 +121,10 @@ def command(args: argparse.Namespace, config: AgentConfig | None) -> int:
     except Stop as exc:
         print(f"agent send: {exc}", file=sys.stderr)
         code = exc.code
+    for name in held:
+        print(f"agent send: {name}: its last line has no newline yet (the file may still be "
+              "written), so it was not sent; a run after the line is finished sends it",
+              file=sys.stderr)
     tally = sender.tally
     c = counters
     print(f"agent send: {c.lines} lines read, {c.matched + c.unmatched - c.dropped_unmatched} kept, "
@@ -169,8 +176,9 @@ def _resolve(args: argparse.Namespace, config: AgentConfig | None) -> tuple[Sour
 
 
 def _documents(parser: SourceParser, name: str, id_name: str | None, target: Target,
-               batch_size: int, random_ids: bool) -> Iterator[list[Document]]:
-    """Batches of documents from one input, with ids as the module docstring says."""
+               batch_size: int, random_ids: bool, held: list[str]) -> Iterator[list[Document]]:
+    """Batches of documents from one input, with ids as the module docstring says; `name` is
+    added to `held` if its unfinished last line was held back."""
     source = parser.source
     label = source.name
     prefix = f"{label}:send:" if target.auth is not None else f"{PUBLIC_ID_PREFIX}{label}."
@@ -183,7 +191,7 @@ def _documents(parser: SourceParser, name: str, id_name: str | None, target: Tar
     input_name = id_name or (f"-{uuid.uuid4().hex}" if path == "-" else path)
     running = hashlib.blake2b(input_name.encode() + b"\n", digest_size=8)
     batch: list[Document] = []
-    for lines in _lines(name, source):
+    for lines in _lines(name, source, held):
         hashes = []
         for data in lines.data:
             running.update(data)
@@ -208,7 +216,10 @@ def _documents(parser: SourceParser, name: str, id_name: str | None, target: Tar
         yield batch
 
 
-def _lines(name: str, source: SourceConfig) -> Iterator[Lines]:
+def _lines(name: str, source: SourceConfig, held: list[str]) -> Iterator[Lines]:
+    """The input's lines. A regular file's last line without a newline is held back (`name` goes
+    into `held`): it may be half written, and sent now, then whole by the next run, it would be
+    stored twice (broken, then right). Stdin and pipes have ended for good: theirs is sent."""
     splitter = splitter_for(source.encoding, source.max_line_bytes)
     stream: BinaryIO
     if name == "-":
@@ -221,7 +232,9 @@ def _lines(name: str, source: SourceConfig) -> Iterator[Lines]:
             if lines:
                 yield lines
         last = splitter.flush()
-        if last is not None:
+        if last is not None and stat.S_ISREG(os.fstat(stream.fileno()).st_mode) and name != "-":
+            held.append(name)
+        elif last is not None:
             yield Lines.of([last])
     finally:
         if close:
