@@ -655,7 +655,7 @@ def command(args: argparse.Namespace, config: AgentConfig | None,
     replication = _replication(args, bare, admin, problems)
     users = _users(args, config, problems)
     databases = tuple(dict.fromkeys(args.db or (s.database for s in (config.sources if config else ()))))
-    for db in args.db:
+    for db in databases:
         # `_users` or `_replicator` would get the log databases' members and validation.
         if not DATABASE_NAME.fullmatch(db) or db == DASHBOARD_DB:
             problems.append(Problem("agent setup", "--db", f"{db!r} is not a log database name: "

@@ -395,3 +395,14 @@ def test_one_user_for_two_roles_is_refused(scene: Scene, couch: CouchDB) -> None
     assert done.returncode == 2, done.stdout + done.stderr
     assert "more than one role" in done.stderr
     assert couch.request("GET", f"/_users/org.couchdb.user:{scene.agent.name}")[0] == 404
+
+
+def test_a_source_writing_to_the_dashboard_database_is_refused(scene: Scene, tmp_path: Path) -> None:
+    # couchlog_dashboard would get the log databases' members (writers) and then, on the next
+    # run, the dashboard's again: never "nothing to change".
+    config = write_config(tmp_path / "etc2", "http://127.0.0.1:9", [
+        {"name": "dash", "paths": [str(tmp_path / "d.log")], "database": "couchlog_dashboard"}],
+        couchdb={"username": scene.agent.name, "password": scene.agent.password})
+    done = run_agent("setup", "-c", str(config), "--url", scene.url, "--dry-run")
+    assert done.returncode == 2, done.stdout
+    assert "couchlog_dashboard" in done.stderr and "would" not in done.stdout
