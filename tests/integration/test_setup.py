@@ -401,7 +401,8 @@ def test_a_source_writing_to_the_dashboard_database_is_refused(scene: Scene, tmp
     # couchlog_dashboard would get the log databases' members (writers) and then, on the next
     # run, the dashboard's again: never "nothing to change".
     config = write_config(tmp_path / "etc2", "http://127.0.0.1:9", [
-        {"name": "dash", "paths": [str(tmp_path / "d.log")], "database": "couchlog_dashboard"}],
+        {"name": "dash", "paths": [str(tmp_path / "d.log")], "database": "couchlog_dashboard",
+         "schema": "$msg..."}],
         couchdb={"username": scene.agent.name, "password": scene.agent.password})
     done = run_agent("setup", "-c", str(config), "--url", scene.url, "--dry-run")
     assert done.returncode == 2, done.stdout
