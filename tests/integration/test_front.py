@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -290,3 +291,48 @@ def test_a_public_write_with_an_id_that_is_no_string_is_refused_cleanly(front: F
         else:
             assert answer.status in (400, 403), answer
         assert b"TypeError" not in answer.body and b"node_modules" not in answer.body, answer
+
+
+def raw_request(front: Front, head: str, body: bytes = b"") -> bytes:
+    """One request written to the TLS socket exactly as given (absolute-form targets, doubled
+    headers, conflicting framing), and the whole answer."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(front.ca))
+    with socket.create_connection(("127.0.0.1", front.https_port), timeout=30) as plain, \
+            context.wrap_socket(plain, server_hostname="localhost") as tls:
+        tls.sendall(head.replace("\n", "\r\n").encode("latin-1") + b"\r\n" + body)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("trick", [
+    "POST http://localhost/{db}/_find HTTP/1.1", "POST https://x/{db}/_all_docs HTTP/1.1",
+    "POST /{db}/_find HTTP/1.0", "GET /{db}/_all_docs HTTP/1.0",
+    *(f"{m} /{{db}}/_bulk_docs HTTP/1.1" for m in ("HEAD", "OPTIONS", "PUT", "DELETE", "COPY",
+                                                    "PATCH", "post", "TRACE")),
+    *(f"{m} /{{db}}/{{doc}} HTTP/1.1" for m in ("PUT", "DELETE", "COPY", "PATCH")),
+    "POST /{db};x HTTP/1.1", "POST /{db}%00 HTTP/1.1", "POST /{db}/..%2f_users HTTP/1.1",
+    "POST /{db}/_bulk_docs/ HTTP/1.1", "POST /{db}\u00e9 HTTP/1.1", "POST /" + "l" * 9000 + " HTTP/1.1",
+    "POST /{db}/_find HTTP/1.1\nAuthorization:\nAuthorization: Basic eDp5",
+    "POST /{db}/_find HTTP/1.1\nHost: other", "POST /{db}/_find HTTP/1.1\nX-HTTP-Method-Override: POST",
+    "POST /{db} HTTP/1.1\nX-HTTP-Method-Override: GET",
+    "POST /{db} HTTP/1.1\nTransfer-Encoding: chunked\nContent-Length: 3",
+])
+def test_parsing_tricks_neither_read_nor_show_the_writer_login(front: Front, stored_doc: str,
+                                                              trick: str) -> None:
+    body = json.dumps({"selector": {}, "keys": [stored_doc], "docs": [{"id": stored_doc}],
+                       "_id": stored_doc, "msg": "overwritten"}).encode()
+    framing = f"Content-Length: {len(body)}\n" if "Transfer-Encoding" not in trick else ""
+    head = (trick.format(db=front.db, doc=quote(stored_doc, safe="")) + "\nHost: localhost\n"
+            "Connection: close\nContent-Type: application/json\n" + framing + "\n")
+    # With "Host: other" the request has two Host headers.
+    answer = raw_request(front, head, b"10\r\n" + body[:16] + b"\r\n0\r\n\r\n"
+                         if "chunked" in trick else body)
+    assert not 200 <= int(answer.split(b" ", 2)[1]) < 300, answer[:400]
+    assert stored_doc.encode() not in answer, answer[:400]
+    token = base64.b64encode(f"{front.public.name}:{front.public.password}".encode())
+    assert token not in answer and front.public.password.encode() not in answer
