@@ -284,7 +284,18 @@ class Sender:
             self.tally.unsent += len(docs)
             raise Stop(EXIT_NO_DATABASE, f"database {self.path.split('/')[1]} does not exist: "
                        "create it with 'agent setup' (as a CouchDB admin)")
-        if status in (400, 413, 415):
+        if status == 413 and len(docs) > 1:
+            # Too big for the front (client_max_body_size) or CouchDB: halves, until one fits.
+            half = len(docs) // 2
+            self.send(docs[:half])
+            self.send(docs[half:])
+            return []
+        if status == 413:
+            self.tally.refused += 1
+            if not self.tally.first_refusal:
+                self.tally.first_refusal = f"{docs[0].doc_id}: HTTP 413, too large on its own"
+            return []
+        if status in (400, 415):
             self.tally.unsent += len(docs)
             raise Stop(EXIT_REFUSED, f"CouchDB refused the batch: HTTP {status} {_error(body)}")
         if status not in (201, 202):
