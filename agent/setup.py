@@ -448,11 +448,16 @@ def detect(client: Client) -> Server:
 def observe(client: Client, wanted: Wanted, server: Server) -> Seen:
     seen: Seen = {path: client.get(path) for path in paths_to_observe(wanted, server)}
     for user in wanted.users:
-        if seen.get(user.path) is not None:
+        # A server admin has no user document: the public writer is asked even without one.
+        if seen.get(user.path) is not None or user.role == ROLE_PUBLIC:
             status, body = client.request("GET", "/_session", auth=(user.name, user.password))
-            seen[f"password_ok:{user.name}"] = (
-                status == 200 and isinstance(body, dict)
-                and (body.get("userCtx") or {}).get("name") == user.name)
+            context = (body.get("userCtx") or {}) if isinstance(body, dict) else {}
+            logged_in = status == 200 and context.get("name") == user.name
+            if logged_in and user.role == ROLE_PUBLIC and "_admin" in (context.get("roles") or []):
+                raise SetupError(f"{user.name} is a server admin: nginx would give its login to "
+                                 "every anonymous client; choose another --public-user")
+            if seen.get(user.path) is not None:
+                seen[f"password_ok:{user.name}"] = logged_in
     return seen
 
 

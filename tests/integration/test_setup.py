@@ -407,3 +407,19 @@ def test_a_source_writing_to_the_dashboard_database_is_refused(scene: Scene, tmp
     done = run_agent("setup", "-c", str(config), "--url", scene.url, "--dry-run")
     assert done.returncode == 2, done.stdout
     assert "couchlog_dashboard" in done.stderr and "would" not in done.stdout
+
+
+def test_a_server_admin_as_the_public_writer_is_refused(scene: Scene, couch: CouchDB,
+                                                        tmp_path: Path) -> None:
+    name, password = scene.admin
+    password_file = tmp_path / "admin.password"
+    password_file.write_text(password + "\n")
+    try:
+        done = run_agent("setup", "-c", str(scene.config), "--url", scene.url, "--public-user", name,
+                         "--public-password-file", str(password_file))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "is a server admin" in done.stderr and password not in done.stdout + done.stderr
+        assert couch.request("GET", f"/_users/org.couchdb.user:{name}")[0] == 404
+        assert couch.request("GET", f"/{scene.dbs[0]}")[0] == 404
+    finally:
+        delete_users(couch, name)  # what a setup that let it through made
