@@ -131,8 +131,8 @@ def test_anonymous_posts_other_than_writes_are_refused(front: Front, stored_doc:
     assert stored_doc.encode() not in answer.body
 
 
-@pytest.mark.parametrize("case", ["agent_id", "rev_overwrite", "deleted", "attachments", "design",
-                                  "design_bulk", "update"])
+@pytest.mark.parametrize("case", ["agent_id", "rev_overwrite", "revisions_overwrite", "deleted",
+                                  "attachments", "design", "design_bulk", "update"])
 def test_public_writes_only_create_their_own_ids(front: Front, couch: CouchDB, stored_doc: str,
                                                   case: str) -> None:
     attachment = {"a.txt": {"content_type": "text/plain",
@@ -142,6 +142,10 @@ def test_public_writes_only_create_their_own_ids(front: Front, couch: CouchDB, s
         "agent_id": ("", {"_id": f"app:1.2.abc:{secrets.token_hex(6)}", "msg": "x"}, ""),
         "rev_overwrite": ("/_bulk_docs", {"new_edits": False, "docs": [
             {"_id": stored_doc, "_rev": "1-" + "f" * 32, "msg": "overwritten"}]}, stored_doc),
+        # `_revisions` without `_rev`: CouchDB takes the revision from it.
+        "revisions_overwrite": ("/_bulk_docs", {"new_edits": False, "docs": [
+            {"_id": stored_doc, "_revisions": {"start": 2, "ids": ["f" * 32, "e" * 32]},
+             "msg": "overwritten"}]}, stored_doc),
         "deleted": ("", {"_id": fresh, "_deleted": True}, ""),
         "attachments": ("", {"_id": fresh, "_attachments": attachment}, ""),
         "design": ("", {"_id": "_design/evil", "views": {}}, ""),
