@@ -3,10 +3,10 @@
 Lines come from a file or stdin, are parsed as JSON (`--db`) or with a
 source's parser (`-c CONFIG --source NAME`), and go to `_bulk_docs` in
 batches. Each document's `_id` is deterministic: the line's offset and a
-hash of the input's name (its absolute path, `-` for stdin, or `--name`) and
-of its bytes up to and including the line. A rerun over the same input (or
-a longer version of it, appended to) is answered `conflict` and doubles
-nothing, while two inputs never share an id. Without
+hash of the input's name (its absolute path, or `--name`) and of its bytes up
+to and including the line. A rerun over the same input (or a longer version of
+it, appended to) is answered `conflict` and doubles nothing, while two inputs
+never share an id; unnamed stdin is a new input on every run. Without
 credentials (through the nginx front) the ids take the public writer's
 prefix. The exit code says what failed; the summary goes to stderr.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import stat
 import sys
 import time
 import uuid
@@ -83,8 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=5, metavar="N",
                         help="attempts per batch after the first, with backoff (default 5)")
     parser.add_argument("--name", metavar="NAME", help="what names the input in the ids (default: "
-                        "the file's absolute path, - for stdin): the same name and content give "
-                        "the same ids")
+                        "the file's absolute path; stdin is a new input on every run): the same "
+                        "name and content give the same ids")
     parser.add_argument("--random-ids", action="store_true",
                         help="let CouchDB choose the ids (a rerun then stores every line again)")
 
@@ -106,9 +107,11 @@ def command(args: argparse.Namespace, config: AgentConfig | None) -> int:
     parser = SourceParser(source, host=config.host if config else _hostname(), counters=counters)
     sender = Sender(client, target, args.retries)
     code = EXIT_OK
+    held: list[str] = []
     try:
         for name in args.files or ["-"]:
-            batches = _documents(parser, name, args.name, target, args.batch_size, args.random_ids)
+            batches = _documents(parser, name, args.name, target, args.batch_size, args.random_ids,
+                                 held)
             for batch in batches:
                 sender.send(batch)
     except OSError as exc:
@@ -118,6 +121,10 @@ def command(args: argparse.Namespace, config: AgentConfig | None) -> int:
     except Stop as exc:
         print(f"agent send: {exc}", file=sys.stderr)
         code = exc.code
+    for name in held:
+        print(f"agent send: {name}: its last line has no newline yet (the file may still be "
+              "written), so it was not sent; a run after the line is finished sends it",
+              file=sys.stderr)
     tally = sender.tally
     c = counters
     print(f"agent send: {c.lines} lines read, {c.matched + c.unmatched - c.dropped_unmatched} kept, "
@@ -159,15 +166,19 @@ def _resolve(args: argparse.Namespace, config: AgentConfig | None) -> tuple[Sour
         problems.append(Problem("agent send", "--url", "give --url or -c CONFIG with couchdb.url"))
     if problems or source is None or db is None or url is None:
         raise ConfigError(problems)
-    bare, auth = split_credentials(url)
+    try:
+        bare, auth = split_credentials(url)
+    except ValueError as exc:
+        raise ConfigError([Problem("agent send", "--url", str(exc))]) from None
     if auth is None and not args.url and config is not None and config.couchdb.username is not None:
         auth = (config.couchdb.username, config.couchdb.password or "")
     return source, Target(bare, auth, db)
 
 
 def _documents(parser: SourceParser, name: str, id_name: str | None, target: Target,
-               batch_size: int, random_ids: bool) -> Iterator[list[Document]]:
-    """Batches of documents from one input, with ids as the module docstring says."""
+               batch_size: int, random_ids: bool, held: list[str]) -> Iterator[list[Document]]:
+    """Batches of documents from one input, with ids as the module docstring says; `name` is
+    added to `held` if its unfinished last line was held back."""
     source = parser.source
     label = source.name
     prefix = f"{label}:send:" if target.auth is not None else f"{PUBLIC_ID_PREFIX}{label}."
@@ -175,9 +186,12 @@ def _documents(parser: SourceParser, name: str, id_name: str | None, target: Tar
     path = "-" if name == "-" else os.path.abspath(name)
     sent_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     meta = {"source": label, "host": parser.host, "path": path, "read_at": sent_at}
-    running = hashlib.blake2b((id_name or path).encode() + b"\n", digest_size=8)
+    # Stdin has no name to recognise a rerun by: unnamed, each run is a new input (a cron job's
+    # `echo '{"msg":"backup ok"}' | agent send -` must store every day's line, not only the first).
+    input_name = id_name or (f"-{uuid.uuid4().hex}" if path == "-" else path)
+    running = hashlib.blake2b(input_name.encode() + b"\n", digest_size=8)
     batch: list[Document] = []
-    for lines in _lines(name, source):
+    for lines in _lines(name, source, held):
         hashes = []
         for data in lines.data:
             running.update(data)
@@ -202,7 +216,10 @@ def _documents(parser: SourceParser, name: str, id_name: str | None, target: Tar
         yield batch
 
 
-def _lines(name: str, source: SourceConfig) -> Iterator[Lines]:
+def _lines(name: str, source: SourceConfig, held: list[str]) -> Iterator[Lines]:
+    """The input's lines. A regular file's last line without a newline is held back (`name` goes
+    into `held`): it may be half written, and sent now, then whole by the next run, it would be
+    stored twice (broken, then right). Stdin and pipes have ended for good: theirs is sent."""
     splitter = splitter_for(source.encoding, source.max_line_bytes)
     stream: BinaryIO
     if name == "-":
@@ -215,7 +232,9 @@ def _lines(name: str, source: SourceConfig) -> Iterator[Lines]:
             if lines:
                 yield lines
         last = splitter.flush()
-        if last is not None:
+        if last is not None and stat.S_ISREG(os.fstat(stream.fileno()).st_mode) and name != "-":
+            held.append(name)
+        elif last is not None:
             yield Lines.of([last])
     finally:
         if close:
@@ -265,7 +284,18 @@ class Sender:
             self.tally.unsent += len(docs)
             raise Stop(EXIT_NO_DATABASE, f"database {self.path.split('/')[1]} does not exist: "
                        "create it with 'agent setup' (as a CouchDB admin)")
-        if status in (400, 413, 415):
+        if status == 413 and len(docs) > 1:
+            # Too big for the front (client_max_body_size) or CouchDB: halves, until one fits.
+            half = len(docs) // 2
+            self.send(docs[:half])
+            self.send(docs[half:])
+            return []
+        if status == 413:
+            self.tally.refused += 1
+            if not self.tally.first_refusal:
+                self.tally.first_refusal = f"{docs[0].doc_id}: HTTP 413, too large on its own"
+            return []
+        if status in (400, 415):
             self.tally.unsent += len(docs)
             raise Stop(EXIT_REFUSED, f"CouchDB refused the batch: HTTP {status} {_error(body)}")
         if status not in (201, 202):

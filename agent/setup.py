@@ -24,9 +24,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
-from agent.config import AgentConfig, ConfigError, Problem
+from agent.config import DATABASE_NAME, AgentConfig, ConfigError, Problem, split_url
 
 ROLE_AGENT = "couchlog_agent"
 ROLE_PUBLIC = "couchlog_public"
@@ -51,6 +51,8 @@ JsEngine = Literal["quickjs", "spidermonkey"]
 # The public writer (whose credentials nginx injects for anonymous POSTs) may only use ids
 # CouchDB generated (32 hex digits; pouchdb-server makes UUIDs) or its own prefix, so it can
 # never take an id the agent will use later (the agent would read the `conflict` as delivered).
+# CouchDB refuses an `_id` that is no string before validating; pouchdb-server does not, and
+# answered 500 with the function's stack trace.
 VALIDATE_DOC_UPDATE = r"""function (newDoc, oldDoc, userCtx, secObj) {
   var roles = userCtx.roles || [];
   if (roles.indexOf('_admin') !== -1) { return; }
@@ -64,8 +66,9 @@ VALIDATE_DOC_UPDATE = r"""function (newDoc, oldDoc, userCtx, secObj) {
   }
   if (newDoc._deleted) { throw({forbidden: 'writers may not delete documents'}); }
   if (newDoc._attachments) { throw({forbidden: 'writers may not add attachments'}); }
+  var id = newDoc._id;
+  if (typeof id !== 'string') { throw({forbidden: 'the _id must be a string'}); }
   if (!agent) {
-    var id = newDoc._id;
     var generated = /^[0-9a-f]{32}$/.test(id) ||
       /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(id);
     if (!generated && id.indexOf('app.') !== 0) {
@@ -252,11 +255,17 @@ def plan_user(user: User, current: Any, password_ok: bool) -> Change | None:
                 "roles": [user.role], "password": user.password}
         return Change("PUT", user.path, body, f"create user {user.name} with role {user.role}")
     roles = list(current.get("roles") or [])
-    if user.role in roles and password_ok:
+    wanted = roles if user.role in roles else [*roles, user.role]
+    if user.role == ROLE_PUBLIC:
+        # nginx gives this login to every anonymous client: so would any other role it held
+        # (couchlog_agent would let anyone pre-empt the agent's ids, couchlog_reader read).
+        wanted = [ROLE_PUBLIC]
+    if roles == wanted and password_ok:
         return None
-    body = {**current, "roles": roles if user.role in roles else [*roles, user.role],
-            "password": user.password}
-    what = "its password" if user.role in roles else f"role {user.role}"
+    body = {**current, "roles": wanted, "password": user.password}
+    dropped = [role for role in roles if role not in wanted]
+    what = ("its password" if roles == wanted else f"role {user.role}" if not dropped
+            else f"roles {', '.join(wanted)} only (it had {', '.join(roles)})")
     return Change("PUT", user.path, body, f"update user {user.name}: {what}")
 
 
@@ -338,17 +347,23 @@ def replication_document(replication: Replication, db: str) -> dict[str, Any]:
 
 
 def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
-    """A URL without its user and password, and those (None if it had none)."""
-    parts = urlsplit(url.rstrip("/"))
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    bare = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-    if parts.username is None:
-        return bare, None
-    return bare, (unquote(parts.username), unquote(parts.password or ""))
+    """A URL without its user and password, and those (None if it had none).
+
+    ValueError, with the credentials redacted, for what is no http(s) base URL: urllib's own
+    error would quote a piece of a password holding `/`, `?` or `#` (as a port)."""
+    split = split_url(url)
+    if split.username is None:
+        return split.url, None
+    return split.url, (split.username, split.password or "")
+
+
+def _split_option(url: str, where: str, flag: str,
+                  problems: list[Problem]) -> tuple[str, tuple[str, str] | None]:
+    try:
+        return split_credentials(url)
+    except ValueError as exc:
+        problems.append(Problem(where, flag, str(exc)))
+        return "", None
 
 
 # -- the I/O shell
@@ -433,29 +448,57 @@ def detect(client: Client) -> Server:
 def observe(client: Client, wanted: Wanted, server: Server) -> Seen:
     seen: Seen = {path: client.get(path) for path in paths_to_observe(wanted, server)}
     for user in wanted.users:
-        if seen.get(user.path) is not None:
+        # A server admin has no user document: the public writer is asked even without one.
+        if seen.get(user.path) is not None or user.role == ROLE_PUBLIC:
             status, body = client.request("GET", "/_session", auth=(user.name, user.password))
-            seen[f"password_ok:{user.name}"] = (
-                status == 200 and isinstance(body, dict)
-                and (body.get("userCtx") or {}).get("name") == user.name)
+            context = (body.get("userCtx") or {}) if isinstance(body, dict) else {}
+            logged_in = status == 200 and context.get("name") == user.name
+            if logged_in and user.role == ROLE_PUBLIC and "_admin" in (context.get("roles") or []):
+                raise SetupError(f"{user.name} is a server admin: nginx would give its login to "
+                                 "every anonymous client; choose another --public-user")
+            if seen.get(user.path) is not None:
+                seen[f"password_ok:{user.name}"] = logged_in
     return seen
 
 
-def apply(client: Client, changes: Iterable[Change]) -> None:
+class Raced(SetupError):
+    """The server changed between observing and applying (another `agent setup`, say)."""
+
+
+def apply(client: Client, changes: Iterable[Change], applied: list[Change] | None = None) -> None:
+    """Make each change in turn, adding it to `applied` once made."""
     for change in changes:
         status, body = client.request(change.method, change.path, change.body)
         if status not in (200, 201, 202):
-            raise SetupError(f"{change.summary}: {change.method} {change.path.split('?')[0]} "
-                             f"answered HTTP {status} {_error(body)}")
+            error = Raced if status in (409, 412) else SetupError
+            raise error(f"{change.summary}: {change.method} {change.path.split('?')[0]} "
+                        f"answered HTTP {status} {_error(body)}")
+        if applied is not None:
+            applied.append(change)
 
 
 def provision(client: Client, wanted: Wanted, dry_run: bool = False) -> Plan:
-    """Detect, observe, plan and (unless `dry_run`) apply; return what was (or would be) done."""
+    """Detect, observe, plan and (unless `dry_run`) apply; return what was (or would be) done.
+
+    A conflict (a database or document that appeared since it was observed, as when two setups
+    run at once) makes it observe and plan again, as long as each plan is shorter than the one
+    before: what the other run did is not redone, and a server that keeps changing ends it."""
     server = detect(client)
-    result = plan(wanted, server, observe(client, wanted, server))
-    if not dry_run:
-        apply(client, result.changes)
-    return result
+    applied: list[Change] = []
+    before: int | None = None
+    while True:
+        result = plan(wanted, server, observe(client, wanted, server))
+        if dry_run:
+            return result
+        try:
+            apply(client, result.changes, applied)
+        except Raced:
+            if before is not None and len(result.changes) >= before:
+                raise
+            before = len(result.changes)
+            continue
+        result.changes = applied
+        return result
 
 
 def install_design_documents(client: Client, db: str, docs: Sequence[dict[str, Any]],
@@ -608,13 +651,20 @@ def command(args: argparse.Namespace, config: AgentConfig | None,
         return _nginx(args, url, problems)
     if url is None:
         raise ConfigError([Problem("agent setup", "--url", "give --url or -c CONFIG with couchdb.url")])
-    bare, url_auth = split_credentials(url)
+    bare, url_auth = _split_option(url, "agent setup", "--url", problems)
+    if problems:
+        raise ConfigError(problems)
     if not args.url:
         url_auth = None  # the config's URL carries the agent's login, not an admin's
     admin = url_auth or (args.admin, _admin_password(args, problems))
     replication = _replication(args, bare, admin, problems)
     users = _users(args, config, problems)
     databases = tuple(dict.fromkeys(args.db or (s.database for s in (config.sources if config else ()))))
+    for db in databases:
+        # `_users` or `_replicator` would get the log databases' members and validation.
+        if not DATABASE_NAME.fullmatch(db) or db == DASHBOARD_DB:
+            problems.append(Problem("agent setup", "--db", f"{db!r} is not a log database name: "
+                                    "lowercase letters, digits and _$()+/-, starting with a letter"))
     if not databases and not args.replication_status:
         problems.append(Problem("agent setup", "--db", "no database: give --db NAME or -c CONFIG "
                                 "with sources"))
@@ -693,6 +743,11 @@ def _users(args: argparse.Namespace, config: AgentConfig | None,
         users.append(User(args.reader, _read_secret(args.reader_password_file,
                                                      "--reader-password-file", problems),
                           ROLE_READER))
+    names = [user.name for user in users]
+    for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+        # One login with two roles: the public writer's would give anonymous clients the other.
+        problems.append(Problem("agent setup", "--public-user", f"user {name!r} is named for more "
+                                "than one role (agent, public writer, reader): give each its own"))
     return tuple(users)
 
 
@@ -700,10 +755,7 @@ def _replication(args: argparse.Namespace, source: str, admin: tuple[str, str],
                  problems: list[Problem]) -> Replication | None:
     if args.replicate_to is None:
         return None
-    target, auth = split_credentials(args.replicate_to)
-    if not urlsplit(target).hostname or urlsplit(target).scheme not in ("http", "https"):
-        problems.append(Problem("agent setup", "--replicate-to", f"expected an http(s) URL, got "
-                                f"{target!r}"))
+    target, auth = _split_option(args.replicate_to, "agent setup", "--replicate-to", problems)
     if args.replicate_password_file is not None:
         if auth is None:
             problems.append(Problem("agent setup", "--replicate-to", "put the user in the URL "
@@ -726,7 +778,7 @@ def _nginx(args: argparse.Namespace, url: str | None, problems: list[Problem]) -
             problems.append(Problem("agent setup --nginx", flag, "required with --nginx"))
     upstreams = list(args.upstream)
     if not upstreams and url is not None:
-        parts = urlsplit(url)
+        parts = urlsplit(_split_option(url, "agent setup --nginx", "--url", problems)[0])
         upstreams = [f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"]
     password = ("" if args.public_password_file is None else
                 _read_secret(args.public_password_file, "--public-password-file", problems))
@@ -744,9 +796,13 @@ def _nginx(args: argparse.Namespace, url: str | None, problems: list[Problem]) -
         raise ConfigError([Problem("agent setup --nginx", "", str(exc))]) from None
     if args.output is None:
         sys.stdout.write(text)
+    elif args.dry_run:
+        print(f"would write {args.output} (readable by its owner only)")
     else:
         # The file holds the public writer's credentials: readable by its owner only.
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # The mode above applies only to a new file: a file rendered before may be readable.
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
     return 0

@@ -114,10 +114,10 @@ class FrontClient:
 
     def request(self, method: str, path: str, body: bytes | str | None = None,
                 auth: tuple[str, str] | None = None, https: bool = True,
-                port: int | None = None) -> Answer:
+                port: int | None = None, headers: dict[str, str] | None = None) -> Answer:
         import base64
 
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", **(headers or {})}
         if body is not None:
             headers["Content-Type"] = "application/json"
         if auth is not None:

@@ -72,7 +72,7 @@ def test_send_with_a_source_parser_and_bad_lines_as_data(couchdb_url: str, couch
         {"name": "web", "paths": [str(tmp_path / "x.log")], "database": database,
          "schema": "$ip $verb $path", "fields": {"machine": "web1"}}])
     log = tmp_path / "access.log"
-    log.write_bytes(b"10.0.0.1 GET /a\n10.0.0.2 POST /b\nunparseable\n\n10.0.0.3 GET /c")
+    log.write_bytes(b"10.0.0.1 GET /a\n10.0.0.2 POST /b\nunparseable\n\n10.0.0.3 GET /c\n")
     done = run_agent("send", "-c", str(config), "--source", "web", str(log))
     assert done.returncode == 0, done.stderr
     docs = couch.docs(database)
@@ -108,3 +108,36 @@ def test_exit_codes_say_what_failed(couchdb_url: str, couch: CouchDB, database: 
     usage = run_agent("send", "--url", couchdb_url, str(data))
     assert usage.returncode == 2
     assert couch.count(database) == 0
+
+
+def test_the_same_line_piped_in_on_two_runs_is_stored_twice(couchdb_url: str, couch: CouchDB,
+                                                             database: str) -> None:
+    # A daily `echo '{"msg":"backup ok"}' | agent send -`: the second day's line is a new event.
+    line = {"msg": "backup ok"}
+    for run in (1, 2):
+        done = run_agent("send", "--url", couchdb_url, "--db", database, "-",
+                         stdin=(json.dumps(line) + "\n").encode())
+        assert done.returncode == 0, done.stderr
+        assert "1 stored, 0 already stored" in done.stderr, (run, done.stderr)
+    assert stored(couch, database) == expected([line, line])
+
+
+def test_a_file_caught_mid_line_is_not_stored_twice(couchdb_url: str, couch: CouchDB,
+                                                    database: str, tmp_path: Path) -> None:
+    # A buffered writer flushes mid-line: sent now and again once finished, the line was stored
+    # twice, broken and whole.
+    data = tmp_path / "growing.jsonl"
+    data.write_bytes(b'{"msg": "a"}\n{"msg": "ha')
+    first = run_agent("send", "--url", couchdb_url, "--db", database, str(data))
+    assert first.returncode == 0, first.stderr
+    assert "1 stored" in first.stderr and "its last line has no newline yet" in first.stderr
+    with data.open("ab") as out:
+        out.write(b'lf"}\n')
+    second = run_agent("send", "--url", couchdb_url, "--db", database, str(data))
+    assert second.returncode == 0, second.stderr
+    assert "1 stored, 1 already stored" in second.stderr
+    assert stored(couch, database) == expected([{"msg": "a"}, {"msg": "half"}])
+    # From a pipe the input has ended: its last line is sent without a newline.
+    piped = run_agent("send", "--url", couchdb_url, "--db", database, "-", stdin=b'{"msg": "end"}')
+    assert piped.returncode == 0 and "1 stored" in piped.stderr, piped.stderr
+    assert stored(couch, database) == expected([{"msg": "a"}, {"msg": "half"}, {"msg": "end"}])

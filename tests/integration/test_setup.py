@@ -4,13 +4,16 @@ replication documents, the config API, and no secret in its output."""
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 import yaml
@@ -256,3 +259,167 @@ def test_install_design_documents_is_idempotent(couchdb_url: str, couch: CouchDB
         f"update _design/reports in {database}"]
     after = [couch.request("GET", f"/{database}/{d['_id']}")[1]["_rev"] for d in docs]
     assert after[1] == revs[1] and after[0] != revs[0]
+
+
+def test_a_public_user_that_exists_with_other_roles_keeps_only_the_public_role(
+        scene: Scene, couch: CouchDB) -> None:
+    # nginx injects this user's login for every anonymous write: with couchlog_agent kept,
+    # anyone could take the agent's ids.
+    path = f"/_users/org.couchdb.user:{scene.public.name}"
+    assert couch.request("PUT", path, {
+        "_id": f"org.couchdb.user:{scene.public.name}", "name": scene.public.name, "type": "user",
+        "roles": ["couchlog_public", "couchlog_agent", "couchlog_reader"],
+        "password": scene.public.password})[0] == 201
+    done = scene.setup()
+    assert done.returncode == 0, done.stderr
+    assert f"update user {scene.public.name}: roles couchlog_public only" in done.stdout
+    assert couch.request("GET", path)[1]["roles"] == ["couchlog_public"]
+    db = scene.dbs[0]
+    agent_id = "s0:1.2.abc:000000000000"
+    token = base64.b64encode(f"{scene.public.name}:{scene.public.password}".encode()).decode()
+    request = urllib.request.Request(f"{scene.bare_url}/{db}", method="POST",
+                                     data=json.dumps({"_id": agent_id, "msg": "pre-empted"}).encode(),
+                                     headers={"Authorization": f"Basic {token}",
+                                              "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code in (401, 403)
+    assert couch.request("GET", f"/{db}/{agent_id}")[0] == 404
+    again = scene.setup()
+    assert again.returncode == 0 and again.stdout.startswith("nothing to change"), again.stdout
+
+
+@pytest.mark.parametrize("db", ["_users", "_replicator", "Log_upper", "log x", "couchlog_dashboard"])
+def test_setup_refuses_a_db_that_is_not_a_log_database_name(scene: Scene, couch: CouchDB,
+                                                             db: str) -> None:
+    before = couch.request("GET", f"/{quote(db, safe='')}/_security")
+    done = scene.setup("--dry-run", "--db", db)
+    assert done.returncode == 2, done.stdout
+    assert "--db" in done.stderr and "would" not in done.stdout
+    assert couch.request("GET", f"/{quote(db, safe='')}/_security") == before
+
+
+def test_the_rendered_front_is_owner_only_even_over_an_older_file(scene: Scene,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "couchlog.conf"
+    out.write_text("# an older rendering\n")
+    out.chmod(0o644)
+    done = run_agent("setup", "--nginx", "--url", scene.bare_url, "--cert", "/etc/c.pem", "--key",
+                     "/etc/c.key", "--public-user", scene.public.name, "--public-password-file",
+                     str(scene.public.password_file), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert base64.b64encode(f"{scene.public.name}:{scene.public.password}".encode()).decode() \
+        in out.read_text()
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("secret", ["qzvk/wxyj", "qzvk#wxyj", "qzvk?wxyj"])
+@pytest.mark.parametrize("command", [("setup", "--dry-run", "--db", "log_x"),
+                                     ("setup", "--nginx", "--cert", "c.pem", "--key", "c.key",
+                                      "--public-password-file", "/dev/null"),
+                                     ("setup", "--db", "log_x", "--replicate-to"),
+                                     ("send", "--db", "log_x", "/dev/null")])
+def test_a_url_whose_password_holds_a_slash_or_hash_is_read_without_showing_it(
+        secret: str, command: tuple[str, ...]) -> None:
+    # urllib reads `http://admin:qzvk/wxyj@host` as host `admin`, port `qzvk`, and its traceback said
+    # so; the config's URL rule (the password ends at the last `@`) reads it as written.
+    url = f"http://admin:{secret}@127.0.0.1:9"
+    args = (*command, url) if command[-1] == "--replicate-to" else (*command, "--url", url)
+    if command[-1] == "--replicate-to":
+        args = (*args, "--url", "http://127.0.0.1:9")
+    done = run_agent(*args, env={"COUCHLOG_ADMIN_PASSWORD": "x"})
+    assert "Traceback" not in done.stderr, done.stderr
+    if command[0] == "send" or "--dry-run" in command:
+        assert "127.0.0.1:9" in done.stderr, done.stderr
+    for piece in ("qzvk", "wxyj"):
+        assert piece not in done.stdout + done.stderr
+
+
+def test_dry_run_renders_no_front_file(scene: Scene, tmp_path: Path) -> None:
+    out = tmp_path / "couchlog.conf"
+    out.write_text("# the front in use\n")
+    done = run_agent("setup", "--nginx", "--dry-run", "--url", scene.bare_url, "--cert", "/etc/c.pem",
+                     "--key", "/etc/c.key", "--public-user", scene.public.name,
+                     "--public-password-file", str(scene.public.password_file), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"would write {out} (readable by its owner only)\n"
+    assert out.read_text() == "# the front in use\n"
+
+
+def test_two_setups_at_once_both_succeed(scene: Scene, couch: CouchDB) -> None:
+    from agent.setup import (
+        ROLE_AGENT,
+        Client,
+        User,
+        Wanted,
+        log_security,
+        provision,
+        split_credentials,
+        validation_document,
+    )
+
+    class RacedClient(Client):
+        """Another `agent setup` makes each change just before this one does (deterministic)."""
+
+        def __init__(self, url: str, auth: tuple[str, str] | None) -> None:
+            super().__init__(url, auth)
+            self.raced: set[str] = set()
+
+        def request(self, method: str, path: str, body: Any = None,
+                    auth: Any = "admin") -> tuple[int, Any]:
+            if method == "PUT" and path not in self.raced:
+                self.raced.add(path)
+                super().request(method, path, body, auth)
+            return super().request(method, path, body, auth)
+
+    url, admin = split_credentials(scene.url)
+    db = scene.dbs[0]
+    wanted = Wanted((db,), (User(scene.agent.name, scene.agent.password, ROLE_AGENT),))
+    result = provision(RacedClient(url, admin), wanted)
+    # What the other run made first is not counted as this run's.
+    assert f"create database {db}" not in [change.summary for change in result.changes]
+    assert couch.request("GET", f"/{db}")[0] == 200
+    assert couch.request("GET", f"/{db}/_security")[1] == log_security()
+    installed = couch.request("GET", f"/{db}/_design/couchlog_validate")[1]
+    assert installed["validate_doc_update"] == validation_document()["validate_doc_update"]
+    assert couch.request("GET", f"/_users/org.couchdb.user:{scene.agent.name}")[1]["roles"] == [
+        ROLE_AGENT]
+    assert provision(Client(url, admin), wanted).changes == []
+
+
+def test_one_user_for_two_roles_is_refused(scene: Scene, couch: CouchDB) -> None:
+    # The agent's user as the public writer: nginx would hand the agent's rights to anyone.
+    done = run_agent("setup", "-c", str(scene.config), "--url", scene.url,
+                     "--public-user", scene.agent.name,
+                     "--public-password-file", str(scene.public.password_file))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "more than one role" in done.stderr
+    assert couch.request("GET", f"/_users/org.couchdb.user:{scene.agent.name}")[0] == 404
+
+
+def test_a_source_writing_to_the_dashboard_database_is_refused(scene: Scene, tmp_path: Path) -> None:
+    # couchlog_dashboard would get the log databases' members (writers) and then, on the next
+    # run, the dashboard's again: never "nothing to change".
+    config = write_config(tmp_path / "etc2", "http://127.0.0.1:9", [
+        {"name": "dash", "paths": [str(tmp_path / "d.log")], "database": "couchlog_dashboard",
+         "schema": "$msg..."}],
+        couchdb={"username": scene.agent.name, "password": scene.agent.password})
+    done = run_agent("setup", "-c", str(config), "--url", scene.url, "--dry-run")
+    assert done.returncode == 2, done.stdout
+    assert "couchlog_dashboard" in done.stderr and "would" not in done.stdout
+
+
+def test_a_server_admin_as_the_public_writer_is_refused(scene: Scene, couch: CouchDB,
+                                                        tmp_path: Path) -> None:
+    name, password = scene.admin
+    password_file = tmp_path / "admin.password"
+    password_file.write_text(password + "\n")
+    try:
+        done = run_agent("setup", "-c", str(scene.config), "--url", scene.url, "--public-user", name,
+                         "--public-password-file", str(password_file))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "is a server admin" in done.stderr and password not in done.stdout + done.stderr
+        assert couch.request("GET", f"/_users/org.couchdb.user:{name}")[0] == 404
+        assert couch.request("GET", f"/{scene.dbs[0]}")[0] == 404
+    finally:
+        delete_users(couch, name)  # what a setup that let it through made
