@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ssl as ssl_module
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -132,7 +132,7 @@ def _json(payload: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def stale_hosts(docs: Sequence[dict[str, Any]], now: float, interval: float = INTERVAL) -> set[str]:
+def stale_hosts(docs: Sequence[Mapping[str, Any]], now: float, interval: float = INTERVAL) -> set[str]:
     """Hosts not heard from for STALE_INTERVALS intervals."""
     return {d["host"] for d in docs
             if now - float(d.get("updated_at") or 0) > STALE_INTERVALS * interval}
