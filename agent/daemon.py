@@ -254,10 +254,11 @@ class Agent:
         return level is Level.OK, {"health": level.name, "findings": [f.text for f in findings],
                                    **snapshot}
 
-    def summary(self) -> str:
+    def summary(self, snapshot: dict[str, Any] | None = None) -> str:
         """One line on how the agent is doing: `agent status`'s first line without its
-        performance data (systemd's STATUS=, the fleet document's health)."""
-        text, _ = render(self.status(), self.status_file.path, limits=self.config.status)
+        performance data (systemd's STATUS=, the fleet document)."""
+        text, _ = render(self.status() if snapshot is None else snapshot, self.status_file.path,
+                         limits=self.config.status)
         return text.split("\n", 1)[0].split(" | ", 1)[0]
 
     def _write_fleet(self, event: str) -> None:
@@ -271,7 +272,7 @@ class Agent:
         health = findings[0].level.name if findings else Level.OK.name
         doc = fleet_document(snapshot, self.config.host, self.config.couchdb.username, health,
                              event)
-        doc["summary"] = self.summary()
+        doc["summary"] = self.summary(snapshot)
         self._fleet_task = asyncio.create_task(self._fleet_write(self._fleet, doc))
 
     async def _fleet_write(self, writer: FleetWriter, doc: dict[str, Any]) -> None:
@@ -340,9 +341,10 @@ class Agent:
         since = now - self._last_status
         if since >= IDLE_STATUS_EVERY or (since >= STATUS_EVERY and activity != self._activity):
             self._last_status, self._activity = now, activity
-            await asyncio.to_thread(self.status_file.write, self.status())
+            snapshot = self.status()
+            await asyncio.to_thread(self.status_file.write, snapshot)
             if self.started and not self.should_exit.is_set():
-                summary = self.summary()
+                summary = self.summary(snapshot)
                 if summary != self._summary:
                     self._summary = summary
                     self.notifier.status(summary)

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
+from agent.couchdb import basic_auth
 from agent.fleet import DESIGN, FleetWriter, fleet_document, stale_hosts
-from agent.shipper import basic_auth
 from tests.couch import CouchDB
 
 pytestmark = pytest.mark.integration
