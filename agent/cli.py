@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from agent import config as config_module
+from agent import fleet as fleet_module
 from agent import report as report_module
 from agent import send as send_module
 from agent import setup as setup_module
@@ -316,7 +317,8 @@ def _chunks_of_lines(name: str, max_line_bytes: int) -> Iterator[Lines]:
 def _report_arguments(command: Any) -> None:
     report = command("report", "run a shipped map/reduce report (agent report --list), or "
                      "install the reports and the dashboard (--install, --dashboard)")
-    report.add_argument("name", nargs="?", metavar="NAME", help="the report, e.g. attacks")
+    report.add_argument("name", nargs="?", metavar="NAME",
+                        help="the report, e.g. attacks; `fleet` lists every agent's host")
     report.add_argument("--list", action="store_true", help="one line per shipped report")
     report.add_argument("--install", action="store_true",
                         help="install the reports into --db (as an admin); unchanged ones are "
@@ -343,10 +345,12 @@ def _report_arguments(command: Any) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     url, database, user, password_file = args.url, args.db, args.user, args.password_file
+    fleet_interval = fleet_module.INTERVAL
     if args.config is not None:
         # A reader needs neither the agent's password nor to be allowed to read it.
         config = config_module.load(args.config, need_secret=False)
         url = url or config.couchdb.urls[0]
+        fleet_interval = config.fleet.interval or fleet_interval
         databases = {source.database for source in config.sources}
         if database is None and len(databases) == 1:
             database = databases.pop()
@@ -369,7 +373,8 @@ def _report(args: argparse.Namespace) -> int:
         install=args.install, dashboard=args.dashboard, list_only=args.list,
         group_level=args.group_level, by=args.by, since=args.since, until=args.until,
         field_name=args.field, top=args.top, format=args.format or ("table" if tty else "csv"),
-        stale=args.stale == "ok", colour=tty and "NO_COLOR" not in os.environ)
+        stale=args.stale == "ok", colour=tty and "NO_COLOR" not in os.environ,
+        fleet_interval=fleet_interval)
     try:
         return report_module.command(options, sys.stdout, sys.stderr)
     except report_module.ReportError as exc:

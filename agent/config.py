@@ -238,6 +238,17 @@ class _Choice:
         return value
 
 
+def _listen_address(value: object) -> tuple[str, int]:
+    """`host:port` (an IPv6 host in brackets) to listen on; port 0 lets the system choose."""
+    text = _string(value)
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port such as 127.0.0.1:9464 or [::1]:9464, got {text!r}")
+    return host, int(port)
+
+
 def _url_list(value: object) -> tuple[str, ...]:
     urls = _string_list(value)
     if not urls:
@@ -446,6 +457,24 @@ class StatusConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint (`/metrics`, and `/health`), off unless `listen` is given."""
+
+    listen: tuple[str, int] | None = key(_listen_address, None, "host:port serving /metrics "
+                                         "(Prometheus) and /health (200 OK, 503 otherwise), e.g. "
+                                         "127.0.0.1:9464", shown="off")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """This agent's record in the `couchlog_fleet` database (`agent report fleet`)."""
+
+    interval: float = key(_duration, 60.0, "seconds between this host's fleet documents (also "
+                          "written at start and stop); `agent report fleet` flags a host after "
+                          "3 intervals; 0 turns them off", shown="1m")
+
+
+@dataclass(frozen=True, slots=True)
 class ReaderConfig:
     """The login `agent report` reads as (a couchlog_reader user); the agent never uses it."""
 
@@ -544,6 +573,8 @@ class AgentConfig:
                                     "was down")
     spool: SpoolConfig = section(SpoolConfig, "spool")
     status: StatusConfig = section(StatusConfig, "status")
+    metrics: MetricsConfig = section(MetricsConfig, "metrics")
+    fleet: FleetConfig = section(FleetConfig, "fleet")
     reader: ReaderConfig = section(ReaderConfig, "reader")
     sources: tuple[SourceConfig, ...] = ()
     warnings: tuple[Problem, ...] = ()

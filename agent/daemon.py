@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import inspect
 import os
 import resource
@@ -38,18 +39,22 @@ from typing import Any, ParamSpec, TypeVar
 import aiohttp
 import structlog
 
+from agent import fleet
 from agent.config import AgentConfig, SourceConfig, StartAt
-from agent.couchdb import connection_limit, endpoints
+from agent.couchdb import connection_limit, endpoints, ssl_context
 from agent.counters import SourceCounters
 from agent.deadletter import DeadLetterFile
+from agent.fleet import FleetWriter, fleet_document
 from agent.health import Health
+from agent.metrics import Metrics, MetricsServer
+from agent.notify import SystemdNotifier
 from agent.offsets import OffsetStore, StateFile
 from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
 from agent.ratelimit import RepeatedFailure
 from agent.shipper import Shipper
 from agent.spool import Spool, migrate_folders, spool_folder
-from agent.status import StatusFile
+from agent.status import Level, StatusFile, assess, render
 from agent.supervisor import Failures, Part, describe
 from agent.tailer import Tailer, TailerSet
 from agent.types import Lines, LineSink, SourceFile
@@ -148,6 +153,16 @@ class Agent:
         self.read_budget = asyncio.Semaphore(READ_BUDGET_CHUNKS)
         """Held by a tailer from reading a chunk until its documents are queued."""
         self._executor = _CountingExecutor()
+        self.notifier = SystemdNotifier()
+        """systemd's notify socket (a no-op without NOTIFY_SOCKET)."""
+        self._summary = ""
+        """The last summary sent as STATUS=."""
+        self.metrics = Metrics(self.status)
+        self._metrics_server: MetricsServer | None = None
+        self._fleet: FleetWriter | None = None
+        self._fleet_task: asyncio.Task[None] | None = None
+        self._next_fleet = 0.0
+        self._fleet_failures = RepeatedFailure(log, "fleet_write_failed")
 
     async def run(self) -> None:
         asyncio.get_running_loop().set_default_executor(self._executor)
@@ -166,6 +181,8 @@ class Agent:
         cfg = self.config
         _raise_open_files_limit()
         await asyncio.to_thread(_check_writable, cfg.state_dir)
+        if cfg.metrics.listen is not None:
+            await self._start_metrics(*cfg.metrics.listen)
         entries, status = await asyncio.to_thread(self.state_file.load)
         self.offsets = OffsetStore(entries)
         # Files there at start that the offsets do not know: a first start follows each source's
@@ -189,6 +206,7 @@ class Agent:
                               cfg.shipping, self.offsets.acknowledge, dead_letter)
             self.queues[database] = queue
             self.shippers[database] = shipper
+            shipper.client.observe = functools.partial(self.metrics.observe_request, database)
             self._spawn(f"shipper:{database}", self._keep_running(
                 ("shipper", database), shipper.run, shipper.spool_remaining))
         self._tailers = TailerSet(self._tailer_task, cfg.sources,
@@ -205,7 +223,70 @@ class Agent:
         log.info("agent_started", sources=[s.name for s in cfg.sources], watch=watcher.mode,
                  state=status,
                  databases=sorted(self.queues), state_dir=str(cfg.state_dir),
-                 couchdb=[t.url for t in targets], pid=os.getpid())
+                 couchdb=[t.url for t in targets], pid=os.getpid(),
+                 metrics=(f"{self._metrics_server.host}:{self._metrics_server.port}"
+                          if self._metrics_server else None))
+        self._summary = self.summary()
+        self.notifier.ready(self._summary)
+        if cfg.fleet.interval > 0:
+            self._fleet = FleetWriter(self._session, [(t.url, t.headers) for t in targets],
+                                      cfg.couchdb.request_timeout, ssl=ssl_context(cfg.couchdb))
+            self._write_fleet("start")
+
+    async def _start_metrics(self, host: str, port: int) -> None:
+        server = MetricsServer(host, port, self.metrics, self._health)
+        try:
+            await server.start()
+        except OSError as exc:
+            await server.stop()
+            raise OSError(exc.errno, f"metrics.listen {host}:{port}: cannot listen there: "
+                          f"{exc.strerror or exc}; free the port or choose another") from None
+        self._metrics_server = server
+
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        """What `/health` answers: healthy only once started and with nothing `agent status`
+        would warn about."""
+        snapshot = self.status()
+        findings = assess(snapshot, time.time(), self.config.status)
+        level = findings[0].level if findings else Level.OK
+        if not self.started:
+            level = Level.UNKNOWN
+        return level is Level.OK, {"health": level.name, "findings": [f.text for f in findings],
+                                   **snapshot}
+
+    def summary(self, snapshot: dict[str, Any] | None = None) -> str:
+        """One line on how the agent is doing: `agent status`'s first line without its
+        performance data (systemd's STATUS=, the fleet document)."""
+        text, _ = render(self.status() if snapshot is None else snapshot, self.status_file.path,
+                         limits=self.config.status)
+        return text.split("\n", 1)[0].split(" | ", 1)[0]
+
+    def _write_fleet(self, event: str) -> None:
+        """Write this host's fleet document in the background (one write at a time): a slow
+        CouchDB must hold up neither the tick nor shipping."""
+        if self._fleet is None or (self._fleet_task is not None and not self._fleet_task.done()):
+            return
+        self._next_fleet = time.monotonic() + self.config.fleet.interval
+        snapshot = self.status()
+        findings = assess(snapshot, time.time(), self.config.status)
+        health = findings[0].level.name if findings else Level.OK.name
+        doc = fleet_document(snapshot, self.config.host, self.config.couchdb.username, health,
+                             event)
+        doc["summary"] = self.summary(snapshot)
+        self._fleet_task = asyncio.create_task(self._fleet_write(self._fleet, doc))
+
+    async def _fleet_write(self, writer: FleetWriter, doc: dict[str, Any]) -> None:
+        try:
+            error = await writer.write(doc)
+        except Exception as exc:
+            error = describe(exc)
+        if error is None:
+            self._fleet_failures.succeeded(database=writer.database)
+        else:
+            self._fleet_failures.failed(
+                database=writer.database, error=error,
+                action=f"run `agent setup` to create {fleet.DATABASE} and its rules, and check "
+                "that the agent's user has role couchlog_agent; shipping is not affected")
 
     async def _check_spool(self, spool: Spool, database: str, sources: list[str]) -> None:
         """A spool that lost documents (damaged, or gone while the offsets say some were only
@@ -260,7 +341,19 @@ class Agent:
         since = now - self._last_status
         if since >= IDLE_STATUS_EVERY or (since >= STATUS_EVERY and activity != self._activity):
             self._last_status, self._activity = now, activity
-            await asyncio.to_thread(self.status_file.write, self.status())
+            snapshot = self.status()
+            await asyncio.to_thread(self.status_file.write, snapshot)
+            if self.started and not self.should_exit.is_set():
+                summary = self.summary(snapshot)
+                if summary != self._summary:
+                    self._summary = summary
+                    self.notifier.status(summary)
+        if self._fleet is not None and now >= self._next_fleet and not self.should_exit.is_set():
+            self._write_fleet("tick")
+        # From here only: the tick ran to its end, so the loop makes progress. A loop stuck
+        # on a hung disk or in a blocking call sends nothing, and systemd restarts the agent.
+        if self.notifier.watchdog_interval is not None and not self.should_exit.is_set():
+            self.notifier.watchdog()
 
     def _activity_count(self) -> int:
         """Grows whenever a line is read or a request is sent."""
@@ -281,6 +374,9 @@ class Agent:
 
     async def shutdown(self) -> None:
         log.info("agent_stopping", force=self.force_exit)
+        self.notifier.stopping()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
         # The watcher first and waited for: its observer thread must not hand hints to
         # tailers that are going away.
         watcher = self._tasks.get("watcher")
@@ -303,10 +399,30 @@ class Agent:
             await self.on_tick()
         if self.started or self.offsets.dirty:
             await self._save_offsets()
+        await self._last_fleet_write()
         if self._session is not None:
             await self._session.close()
+        self.notifier.close()
         self._log_progress()
         log.info("agent_stopped", outstanding=self.offsets.outstanding())
+
+    async def _last_fleet_write(self) -> None:
+        """The `stop` fleet document, after any write still running; bounded like the other
+        waits of a stop."""
+        if self._fleet is None:
+            return
+        try:
+            async with asyncio.timeout(TASKS_WAIT):
+                if self._fleet_task is not None:
+                    await self._fleet_task
+                self._write_fleet("stop")
+                if self._fleet_task is not None:
+                    await self._fleet_task
+        except TimeoutError:
+            if self._fleet_task is not None:
+                self._fleet_task.cancel("agent stopping")
+            log.warning("fleet_write_abandoned", waited=TASKS_WAIT,
+                        action="the fleet document shows the last tick; nothing else is affected")
 
     async def _drain(self) -> bool:
         """Give the shippers up to `shutdown_timeout` to deliver what is queued; False if they

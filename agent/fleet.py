@@ -12,8 +12,9 @@ never touches shipping: the fleet view is advice, the logs are the product.
 
 from __future__ import annotations
 
+import ssl as ssl_module
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -79,13 +80,15 @@ class FleetWriter:
     """Writes this host's fleet document to the first URL that takes it."""
 
     def __init__(self, session: aiohttp.ClientSession, urls: Sequence[tuple[str, dict[str, str]]],
-                 timeout: float, database: str = DATABASE) -> None:
+                 timeout: float, database: str = DATABASE,
+                 ssl: ssl_module.SSLContext | None = None) -> None:
         self.session = session
         self.database = database
         self.urls = list(urls)
         """(base URL, headers with the agent's Authorization) per CouchDB URL."""
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self._rev: str | None = None
+        self.ssl: ssl_module.SSLContext | bool = True if ssl is None else ssl
 
     async def write(self, doc: dict[str, Any]) -> str | None:
         """Store `doc`; None when done, else what went wrong (no secret in it)."""
@@ -105,6 +108,7 @@ class FleetWriter:
         for _ in range(2):
             body = {**doc, "_rev": self._rev} if self._rev else doc
             async with self.session.put(path, data=orjson.dumps(body), timeout=self.timeout,
+                                        ssl=self.ssl,
                                         headers={**headers, "Content-Type": "application/json"}
                                         ) as response:
                 answer = _json(await response.read())
@@ -114,7 +118,8 @@ class FleetWriter:
             if response.status != 409:
                 return f"HTTP {response.status} {answer.get('error', '')}".strip()
             # Our revision is old (another start of this agent wrote since): take the current one.
-            async with self.session.get(path, headers=headers, timeout=self.timeout) as current:
+            async with self.session.get(path, headers=headers, timeout=self.timeout,
+                                        ssl=self.ssl) as current:
                 self._rev = _json(await current.read()).get("_rev") if current.status == 200 else None
         return "HTTP 409 conflict"
 
@@ -127,7 +132,7 @@ def _json(payload: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def stale_hosts(docs: Sequence[dict[str, Any]], now: float, interval: float = INTERVAL) -> set[str]:
+def stale_hosts(docs: Sequence[Mapping[str, Any]], now: float, interval: float = INTERVAL) -> set[str]:
     """Hosts not heard from for STALE_INTERVALS intervals."""
     return {d["host"] for d in docs
             if now - float(d.get("updated_at") or 0) > STALE_INTERVALS * interval}

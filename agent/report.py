@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import mimetypes
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,6 +26,8 @@ from typing import Any, Literal
 from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
 
 import yaml
+
+from agent import fleet
 
 REPORTS_DIR = Path(__file__).resolve().parent / "reports"
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
@@ -559,6 +562,8 @@ class Options:
     format: Format = "table"
     stale: bool = False
     colour: bool = False
+    fleet_interval: float = fleet.INTERVAL
+    """For `agent report fleet`: the agents' `fleet.interval` (a host is flagged after 3)."""
 
 
 def command(options: Options, out: io.TextIOBase | Any, err: io.TextIOBase | Any) -> int:
@@ -588,6 +593,8 @@ def command(options: Options, out: io.TextIOBase | Any, err: io.TextIOBase | Any
         return 0
     if options.name is None:
         raise ReportError("name a report (`agent report --list` shows them)", usage=True)
+    if options.name == FLEET_REPORT:
+        return fleet_command(couch, options, out)
     view = find_view(designs, options.name)
     query = plan(view, options.group_level, options.by, options.since, options.until,
                  options.field_name, options.top)
@@ -622,3 +629,64 @@ def _need_database(options: Options) -> str:
         raise ReportError("which database? give --db log_NAME (or -c CONFIG whose sources "
                           "all ship to one database)", usage=True)
     return options.database
+
+
+FLEET_REPORT = "fleet"
+FLEET_COLUMNS = ("host", "last_seen", "health", "lag_bytes", "spool_documents", "spool_bytes",
+                 "event", "version", "flag")
+
+
+def fleet_rows(docs: Sequence[Mapping[str, Any]], now: float,
+               interval: float) -> list[dict[str, Any]]:
+    """One row per host from its fleet document, hosts gone quiet first, then by name. Pure."""
+    quiet = fleet.stale_hosts(docs, now, interval)
+    rows = []
+    for doc in docs:
+        updated = float(doc.get("updated_at") or 0)
+        rows.append({
+            "host": doc.get("host"), "last_seen": updated, "seen_ago": max(0.0, now - updated),
+            "health": doc.get("health"), "lag_bytes": doc.get("bytes_behind", 0),
+            "spool_documents": doc.get("spool_documents", 0),
+            "spool_bytes": doc.get("spool_bytes", 0), "event": doc.get("event"),
+            "version": doc.get("version"),
+            "flag": (f"NOT SEEN for over {fleet.STALE_INTERVALS} intervals"
+                     if doc.get("host") in quiet else
+                     "stopped" if doc.get("event") == "stop" else ""),
+        })
+    return sorted(rows, key=lambda r: (not r["flag"].startswith("NOT SEEN"), str(r["host"])))
+
+
+def _ago(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+def render_fleet(rows: Sequence[Mapping[str, Any]], fmt: Format) -> str:
+    if fmt == "json":
+        return json.dumps(list(rows), indent=2) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(FLEET_COLUMNS)
+        writer.writerows([_text(r[c]) for c in FLEET_COLUMNS] for r in rows)
+        return buffer.getvalue()
+    cells = [[_text(r["host"]), _ago(r["seen_ago"]), _text(r["health"]), _text(r["lag_bytes"]),
+              _text(r["spool_documents"]), _text(r["spool_bytes"]), _text(r["event"]),
+              _text(r["version"]), r["flag"]] for r in rows]
+    head = ["HOST", "LAST SEEN", "HEALTH", "LAG BYTES", "SPOOLED", "SPOOL BYTES", "EVENT",
+            "VERSION", "FLAG"]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+             for line in (head, *cells)]
+    return "\n".join(lines) + "\n"
+
+
+def fleet_command(couch: Couch, options: Options, out: io.TextIOBase | Any) -> int:
+    """`agent report fleet`: every host in couchlog_fleet, flagged when it went quiet."""
+    body = couch.get(f"/{quote(fleet.DATABASE, safe='')}/_all_docs?include_docs=true")
+    docs = [row["doc"] for row in body["rows"]
+            if row["id"].startswith("host:") and isinstance(row.get("doc"), dict)]
+    out.write(render_fleet(fleet_rows(docs, time.time(), options.fleet_interval), options.format))
+    return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
+from agent import fleet
 from agent.config import DATABASE_NAME, AgentConfig, ConfigError, Problem, split_url
 
 ROLE_AGENT = "couchlog_agent"
@@ -86,6 +87,12 @@ def validation_document() -> dict[str, Any]:
 def log_security() -> dict[str, Any]:
     return {"admins": {"names": [], "roles": []},
             "members": {"names": [], "roles": [ROLE_AGENT, ROLE_PUBLIC, ROLE_READER]}}
+
+
+def fleet_security() -> dict[str, Any]:
+    """Agents write their host's document (the design document says which), readers read."""
+    return {"admins": {"names": [], "roles": []},
+            "members": {"names": [], "roles": [ROLE_AGENT, ROLE_READER]}}
 
 
 def dashboard_security() -> dict[str, Any]:
@@ -200,6 +207,8 @@ def paths_to_observe(wanted: Wanted, server: Server) -> list[str]:
             paths.append("/_replicator/" + quote(replication_doc_id(db), safe=""))
     paths += [db_path(DASHBOARD_DB), db_path(DASHBOARD_DB) + "/_security"]
     paths += [db_path(DASHBOARD_DB) + "/" + doc["_id"] for doc in wanted.dashboard_documents]
+    paths += [db_path(fleet.DATABASE), db_path(fleet.DATABASE) + "/_security",
+              db_path(fleet.DATABASE) + "/" + fleet.DESIGN["_id"]]
     paths += [user.path for user in wanted.users]
     if server.config_api:
         for node in server.nodes:
@@ -220,7 +229,7 @@ def plan(wanted: Wanted, server: Server, seen: Seen) -> Plan:
     for db in system_databases(server):
         if seen.get(db_path(db)) is None:
             changes.append(Change("PUT", db_path(db), None, f"create system database {db}"))
-    for db in (*wanted.databases, DASHBOARD_DB):
+    for db in (*wanted.databases, DASHBOARD_DB, fleet.DATABASE):
         if seen.get(db_path(db)) is None:
             changes.append(Change("PUT", db_path(db) + (f"?{query}" if query else ""), None,
                                   f"create database {db}"))
@@ -244,6 +253,15 @@ def plan(wanted: Wanted, server: Server, seen: Seen) -> Plan:
         change = plan_document(DASHBOARD_DB, doc, seen.get(f"{db_path(DASHBOARD_DB)}/{doc['_id']}"))
         if change is not None:
             changes.append(change)
+    fleet_base = db_path(fleet.DATABASE)
+    if seen.get(fleet_base + "/_security") != fleet_security():
+        changes.append(Change("PUT", fleet_base + "/_security", fleet_security(),
+                              f"set _security of {fleet.DATABASE}: {ROLE_AGENT} writes its "
+                              f"host's document, {ROLE_READER} reads"))
+    change = plan_document(fleet.DATABASE, fleet.DESIGN,
+                           seen.get(f"{fleet_base}/{fleet.DESIGN['_id']}"))
+    if change is not None:
+        changes.append(change)
     _plan_config(wanted, server, seen, result)
     _plan_replication(wanted, server, seen, result)
     return result

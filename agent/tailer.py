@@ -453,9 +453,14 @@ class TailerSet:
                 self._unindex(tailer)
                 tailer.rename(item.path)
                 self.by_path.setdefault(item.path, set()).add(tailer)
+            changed = item.size != tailer.seen_size
+            if item.size > tailer.seen_size:
+                # A tailer paused by a full spool does not look at its file: the scan's size
+                # keeps its bytes behind (status, metrics) true while it waits.
+                tailer.seen_size = item.size
             if not tailer.listed:
                 tailer.relist()
-            elif item.size != tailer.seen_size or tailer.file is None:
+            elif changed or tailer.file is None:
                 tailer.wake()
         for skip in skipped:
             paths.add((skip.source, skip.path))

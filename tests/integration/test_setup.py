@@ -73,6 +73,7 @@ def snapshot(couch: CouchDB, scene: Scene) -> dict[str, Any]:
         paths += [f"/{db}", f"/{db}/_security", f"/{db}/_design/couchlog_validate",
                   f"/{db}/_design/report", f"/{db}/_design/couchlog"]
     paths += ["/couchlog_dashboard/_security", "/couchlog_dashboard/_design/dashboard"]
+    paths += ["/couchlog_fleet/_security", "/couchlog_fleet/_design/couchlog_fleet"]
     result = {}
     for path in paths:
         status, body = couch.request("GET", path)
