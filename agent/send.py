@@ -31,7 +31,7 @@ from agent import config as config_module
 from agent.bulk import bulk_body, classify_results
 from agent.config import AgentConfig, ConfigError, Problem, SourceConfig
 from agent.counters import SourceCounters
-from agent.lines import splitter_for
+from agent.lines import Splitter, splitter_for
 from agent.parser import SourceParser
 from agent.setup import PUBLIC_ID_PREFIX, Client, SetupError, split_credentials
 from agent.types import Document, FileId, Lines, SourceFile
@@ -177,7 +177,7 @@ def _documents(parser: SourceParser, name: str, id_name: str | None, target: Tar
     meta = {"source": label, "host": parser.host, "path": path, "read_at": sent_at}
     running = hashlib.blake2b((id_name or path).encode() + b"\n", digest_size=8)
     batch: list[Document] = []
-    for lines in _lines(name, source):
+    for lines in read_lines(name, splitter_for(source.encoding, source.max_line_bytes)):
         hashes = []
         for data in lines.data:
             running.update(data)
@@ -202,15 +202,17 @@ def _documents(parser: SourceParser, name: str, id_name: str | None, target: Tar
         yield batch
 
 
-def _lines(name: str, source: SourceConfig) -> Iterator[Lines]:
-    splitter = splitter_for(source.encoding, source.max_line_bytes)
+def read_lines(name: str, splitter: Splitter) -> Iterator[Lines]:
+    """Lines of a file, or of stdin for "-", a chunk at a time as they arrive (`read1`, so
+    `tail -f log | agent parse` shows each line at once); the last needs no newline."""
     stream: BinaryIO
     if name == "-":
         stream, close = sys.stdin.buffer, False
     else:
         stream, close = open(name, "rb"), True  # noqa: SIM115 - closed below, after a streaming loop
     try:
-        while chunk := stream.read(READ_SIZE):
+        read = getattr(stream, "read1", stream.read)
+        while chunk := read(READ_SIZE):
             lines = splitter.feed(chunk)
             if lines:
                 yield lines
