@@ -9,7 +9,7 @@ import pytest
 
 from agent.parser import LineContext, SourceParser, id_prefix
 from agent.types import Lines, RawLine, SourceFile
-from tests.unit.parsing import FILE, make_parser
+from tests.unit.sources import FILE, make_parser
 
 
 def parse(parser: SourceParser, text: bytes | str) -> dict[str, Any] | None:

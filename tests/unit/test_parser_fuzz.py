@@ -21,7 +21,7 @@ from agent.lines import LineSplitter
 from agent.multiline import MultilineAssembler
 from agent.parser import LineContext, SourceParser, id_prefix
 from agent.types import Lines, SourceFile
-from tests.unit.parsing import FILE, make_parser
+from tests.unit.sources import FILE, make_parser
 
 CONTEXT = LineContext(SourceFile("f", FILE), "/var/log/f.log", "2026-01-01T00:00:00.000+00:00")
 MAX_LINE = 4096

@@ -19,7 +19,7 @@ from agent.multiline import MultilineAssembler
 from agent.parser import LineContext, SourceParser
 from agent.schema import compile_schema
 from agent.types import Lines, RawLine, SourceFile
-from tests.unit.parsing import FILE, make_parser
+from tests.unit.sources import FILE, make_parser
 
 CONTEXT = LineContext(SourceFile("t", FILE), "/var/log/x.log", "2026-01-01T00:00:00.000+00:00")
 EVIL = "a" * 40 + "b"

@@ -1,4 +1,4 @@
-"""The parser as the parser tests build it: a source made from a few keys, and a fixed file id."""
+"""Sources and parsers as the unit tests build them from a few keys, and a fixed file id."""
 
 from __future__ import annotations
 
@@ -21,3 +21,11 @@ def make_parser(**keys: Any) -> tuple[SourceParser, SourceCounters]:
     assert isinstance(source, SourceConfig)
     counters = SourceCounters()
     return SourceParser(source, "host1", counters), counters
+
+
+def source(**keys: Any) -> SourceConfig:
+    """Source `s` (schema `$m...`) with `keys` added; the keys must make a valid source."""
+    problems: list[Problem] = []
+    made = source_from_mapping("s.yaml", {"name": "s", "schema": "$m...", **keys}, problems)
+    assert made is not None, problems
+    return made
