@@ -10,9 +10,9 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, get_args
+from typing import Any, get_args
 
 import orjson
 import structlog
@@ -30,7 +30,6 @@ from agent.patterns import fallback_warnings
 from agent.types import Lines
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
-READ_SIZE = 64 * 1024
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,7 +229,7 @@ def _parse(args: argparse.Namespace) -> int:
     inputs = args.files or ["-"]
     for name in inputs:
         try:
-            for chunk in _chunks_of_lines(name, source.max_line_bytes):
+            for chunk in send_module.read_lines(name, LineSplitter(source.max_line_bytes)):
                 out.write(_render(parser, chunk))
                 # Print as input arrives, so `tail -f log | agent parse ...` shows each line.
                 out.flush()
@@ -290,28 +289,6 @@ def _render(parser: SourceParser, lines: Lines) -> bytes:
             fields[meta_key] = {"parse_error": error}
         out.append(dumps(fields))
     return b"\n".join(out) + b"\n" if out else b""
-
-
-def _chunks_of_lines(name: str, max_line_bytes: int) -> Iterator[Lines]:
-    """Lines of a file or stdin, a chunk at a time as they arrive; the last needs no newline."""
-    splitter = LineSplitter(max_line_bytes)
-    stream: BinaryIO
-    if name == "-":
-        stream = sys.stdin.buffer
-        close = False
-    else:
-        stream = open(name, "rb")  # noqa: SIM115 - closed below, after a streaming loop
-        close = True
-    try:
-        read = getattr(stream, "read1", stream.read)
-        while chunk := read(READ_SIZE):
-            yield splitter.feed(chunk)
-        last = splitter.flush()
-        if last is not None:
-            yield Lines.of([last])
-    finally:
-        if close:
-            stream.close()
 
 
 def _report_arguments(command: Any) -> None:

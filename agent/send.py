@@ -32,7 +32,7 @@ from agent import config as config_module
 from agent.bulk import bulk_body, classify_results
 from agent.config import AgentConfig, ConfigError, Problem, SourceConfig
 from agent.counters import SourceCounters
-from agent.lines import splitter_for
+from agent.lines import Splitter, splitter_for
 from agent.parser import SourceParser
 from agent.setup import PUBLIC_ID_PREFIX, Client, SetupError, split_credentials
 from agent.types import Document, FileId, Lines, SourceFile
@@ -191,7 +191,7 @@ def _documents(parser: SourceParser, name: str, id_name: str | None, target: Tar
     input_name = id_name or (f"-{uuid.uuid4().hex}" if path == "-" else path)
     running = hashlib.blake2b(input_name.encode() + b"\n", digest_size=8)
     batch: list[Document] = []
-    for lines in _lines(name, source, held):
+    for lines in read_lines(name, splitter_for(source.encoding, source.max_line_bytes), held):
         hashes = []
         for data in lines.data:
             running.update(data)
@@ -216,23 +216,26 @@ def _documents(parser: SourceParser, name: str, id_name: str | None, target: Tar
         yield batch
 
 
-def _lines(name: str, source: SourceConfig, held: list[str]) -> Iterator[Lines]:
-    """The input's lines. A regular file's last line without a newline is held back (`name` goes
+def read_lines(name: str, splitter: Splitter, held: list[str] | None = None) -> Iterator[Lines]:
+    """Lines of a file, or of stdin for "-", a chunk at a time as they arrive (`read1`, so
+    `tail -f log | agent parse` shows each line at once); the last needs no newline. With
+    `held` (agent send), a regular file's last line without a newline is held back (`name` goes
     into `held`): it may be half written, and sent now, then whole by the next run, it would be
     stored twice (broken, then right). Stdin and pipes have ended for good: theirs is sent."""
-    splitter = splitter_for(source.encoding, source.max_line_bytes)
     stream: BinaryIO
     if name == "-":
         stream, close = sys.stdin.buffer, False
     else:
         stream, close = open(name, "rb"), True  # noqa: SIM115 - closed below, after a streaming loop
     try:
-        while chunk := stream.read(READ_SIZE):
+        read = getattr(stream, "read1", stream.read)
+        while chunk := read(READ_SIZE):
             lines = splitter.feed(chunk)
             if lines:
                 yield lines
         last = splitter.flush()
-        if last is not None and stat.S_ISREG(os.fstat(stream.fileno()).st_mode) and name != "-":
+        if last is not None and held is not None and name != "-" and \
+                stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
             held.append(name)
         elif last is not None:
             yield Lines.of([last])

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,6 +33,49 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def port_answers(port: int) -> bool:
+    """Whether something accepts TCP connections on the loopback `port`."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def wait_started(process: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float,
+                 what: str, log: Path) -> None:
+    """Poll `ready` until it holds. If `process` exits first, or `timeout` seconds pass (then
+    it is stopped), raise RuntimeError naming `what` and the end of its `log`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}; {log} ends with:\n"
+                               f"{_tail(log)}")
+        if ready():
+            return
+        time.sleep(0.05)
+    stop_process(process)
+    raise RuntimeError(f"{what} did not start within {timeout}s; {log} ends with:\n{_tail(log)}")
+
+
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """Terminate `process` if it still runs; kill it if it has not gone after 10 s."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _tail(log: Path) -> str:
+    try:
+        return log.read_text(errors="replace")[-2000:]
+    except OSError as exc:
+        return f"(unreadable: {exc})"
 
 
 class PouchDBServer:
@@ -65,28 +109,18 @@ class PouchDBServer:
             cwd=self.data_dir, env=env, stdout=subprocess.DEVNULL,
             stderr=open(self.data_dir / "server.err", "ab"),  # noqa: SIM115 - owned by the child
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"pouchdb-server exited with {self.process.returncode}; "
-                                   f"see {self.data_dir / 'server.err'}")
-            try:
-                with urllib.request.urlopen(self.public_url + "/", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"pouchdb-server did not answer on port {self.port} within {timeout}s")
+        wait_started(self.process, self._answers, timeout, "pouchdb-server",
+                     self.data_dir / "server.err")
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.public_url + "/", timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     def __enter__(self) -> PouchDBServer:

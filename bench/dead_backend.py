@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.pouchdb_server import free_port  # noqa: E402
+from bench.common import agent_running, wait_spooled  # noqa: E402
 from bench.fail2ban_log import SEED_SCHEMA, count_kept  # noqa: E402
 from bench.parse_speed import workload  # noqa: E402
 from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
@@ -42,28 +41,13 @@ def main() -> int:
             "schema": SEED_SCHEMA, "fields": {"machine": "server"}}],
             spool={"max_bytes": "4GiB"}, log={"level": "warning"})
         started = time.monotonic()
-        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
-                                 stderr=open(work / "agent.log", "wb"))  # noqa: SIM115
-        status = work / "etc" / "state" / "status.json"
-        spooled = 0
-        try:
-            while spooled < kept:
-                time.sleep(0.5)
-                if agent.poll() is not None:
-                    raise SystemExit((work / "agent.log").read_text()[-2000:])
-                if status.exists():
-                    try:
-                        snapshot = json.loads(status.read_text())
-                    except ValueError:
-                        continue
-                    spooled = sum(d["spool_records"] for d in snapshot["databases"].values())
+        with agent_running(config, stop_timeout=120,
+                           stderr=open(work / "agent.log", "wb")) as agent:
+            spooled = wait_spooled(agent, work / "etc" / "state", kept, work / "agent.log")
             elapsed = time.monotonic() - started
             memory = memory_mib(agent.pid)
             cpu = cpu_seconds(agent.pid)
             spool_bytes = sum(p.stat().st_size for p in (work / "etc/state/spool").rglob("*.seg"))
-        finally:
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(timeout=120)
     result = {"lines": args.lines, "documents_spooled": spooled, "seconds": round(elapsed, 1),
               "cpu_s": round(cpu, 1), "peak_rss_mib": round(memory["VmHWM"], 1),
               "rss_mib": round(memory["VmRSS"], 1), "spool_mib": round(spool_bytes / 2**20, 1)}

@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backend.pouchdb_server import PouchDBServer, free_port  # noqa: E402
+from backend.pouchdb_server import free_port  # noqa: E402
+from bench.common import agent_running, couchdb_url, wait_stored  # noqa: E402
 from bench.fail2ban_log import SEED_SCHEMA, count_kept  # noqa: E402
 from bench.parse_speed import workload  # noqa: E402
 from tests.agentproc import write_config  # noqa: E402
@@ -43,17 +42,48 @@ def timed_run(url: str, user: tuple[str, str], couch: CouchDB, log: Path, databa
         "schema": SEED_SCHEMA, "fields": {"machine": "server"}}],
         couchdb={"username": user[0], "password": user[1]}, log={"level": "warning"})
     started = time.monotonic()
-    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
-                             env={**os.environ, **env})
-    try:
-        while couch.count(database) < kept:
-            if agent.poll() is not None:
-                raise RuntimeError(f"agent exited with {agent.returncode}")
-            time.sleep(0.05)
+    with agent_running(config, env={**os.environ, **env}) as agent:
+        wait_stored(couch, database, kept, agent)
         return time.monotonic() - started
+
+
+def measure(url: str, work: Path, log: Path) -> tuple[float, float]:
+    """Seconds to ship `log` straight to `url`, then through nginx with TLS in front of it."""
+    couch = CouchDB(url)
+    agent, public = account(work / "secrets", "bench_agent"), account(work / "secrets", "bench_pub")
+    direct_db, front_db = (f"log_bench_{kind}_{secrets.token_hex(3)}" for kind in ("direct", "front"))
+    nginx = None
+    try:
+        for db in (direct_db, front_db):
+            done = run_agent("setup", "--url", url, "--db", db, "--agent-user", agent.name,
+                             "--agent-password-file", str(agent.password_file),
+                             "--public-user", public.name,
+                             "--public-password-file", str(public.password_file))
+            assert done.returncode == 0, done.stderr
+        certs = make_certificates(work / "tls")
+        https_port = free_port()
+        upstream, bare = backend_address(url)
+        conf = work / "couchlog.conf"
+        rendered = run_agent("setup", "--nginx", "--server-name", "localhost", "--cert",
+                             str(certs.cert), "--key", str(certs.key), "--bind", "127.0.0.1",
+                             "--http-port", str(free_port()), "--https-port", str(https_port),
+                             "--upstream", upstream, "--public-user", public.name,
+                             "--public-password-file", str(public.password_file), "-o", str(conf))
+        assert rendered.returncode == 0, rendered.stderr
+        nginx = Nginx(work / "nginx", conf)
+        nginx.start(https_port)
+        user = (agent.name, agent.password)
+        direct = timed_run(bare, user, couch, log, direct_db, work, {})
+        # SSL_CERT_FILE: the agent verifies the front against the test CA (as couchdb.ca_file does).
+        front = timed_run(f"https://127.0.0.1:{https_port}", user, couch, log, front_db, work,
+                          {"SSL_CERT_FILE": str(certs.ca)})
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=60)
+        if nginx is not None:
+            nginx.stop()
+        couch.delete_db(direct_db)
+        couch.delete_db(front_db)
+        delete_users(couch, agent.name, public.name)
+    return direct, front
 
 
 def main() -> int:
@@ -67,48 +97,8 @@ def main() -> int:
     docs = count_kept(log)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        server = None
-        url = os.environ.get("COUCHDB_URL")
-        if not url:
-            server = PouchDBServer(work / "couchdb")
-            server.start()
-            url = server.url
-        couch = CouchDB(url)
-        agent, public = account(work / "secrets", "bench_agent"), account(work / "secrets", "bench_pub")
-        direct_db, front_db = (f"log_bench_{kind}_{secrets.token_hex(3)}" for kind in ("direct", "front"))
-        nginx = None
-        try:
-            for db in (direct_db, front_db):
-                done = run_agent("setup", "--url", url, "--db", db, "--agent-user", agent.name,
-                                 "--agent-password-file", str(agent.password_file),
-                                 "--public-user", public.name,
-                                 "--public-password-file", str(public.password_file))
-                assert done.returncode == 0, done.stderr
-            certs = make_certificates(work / "tls")
-            https_port = free_port()
-            upstream, bare = backend_address(url)
-            conf = work / "couchlog.conf"
-            rendered = run_agent("setup", "--nginx", "--server-name", "localhost", "--cert",
-                                 str(certs.cert), "--key", str(certs.key), "--bind", "127.0.0.1",
-                                 "--http-port", str(free_port()), "--https-port", str(https_port),
-                                 "--upstream", upstream, "--public-user", public.name,
-                                 "--public-password-file", str(public.password_file), "-o", str(conf))
-            assert rendered.returncode == 0, rendered.stderr
-            nginx = Nginx(work / "nginx", conf)
-            nginx.start(https_port)
-            user = (agent.name, agent.password)
-            direct = timed_run(bare, user, couch, log, direct_db, work, {})
-            # SSL_CERT_FILE: the agent verifies the front against the test CA (as couchdb.ca_file does).
-            front = timed_run(f"https://127.0.0.1:{https_port}", user, couch, log, front_db, work,
-                              {"SSL_CERT_FILE": str(certs.ca)})
-        finally:
-            if nginx is not None:
-                nginx.stop()
-            couch.delete_db(direct_db)
-            couch.delete_db(front_db)
-            delete_users(couch, agent.name, public.name)
-            if server is not None:
-                server.stop()
+        with couchdb_url(work / "couchdb") as (url, server):
+            direct, front = measure(url, work, log)
     ratio = direct / front
     backend = "COUCHDB_URL" if server is None else "pouchdb-server"
     print(f"workload: {args.lines} lines -> {docs} documents; {backend}; one run each")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backend.pouchdb_server import free_port  # noqa: E402
+from bench.common import agent_running, wait_spooled  # noqa: E402
 from bench.fail2ban_log import SEED_SCHEMA, count_kept, lines  # noqa: E402
 from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
 from tests.agentproc import write_config  # noqa: E402
@@ -69,30 +68,13 @@ def main() -> int:
             "schema": SEED_SCHEMA, "fields": {"machine": "server"}}],
             spool={"max_bytes": "64GiB"}, log={"level": "warning"})
         started = time.monotonic()
-        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
-                                 stderr=open(work / "agent.log", "wb"))  # noqa: SIM115
-        status = work / "etc" / "state" / "status.json"
-        spooled = 0
-        try:
-            while spooled < kept:
-                time.sleep(0.5)
-                if agent.poll() is not None:
-                    raise SystemExit((work / "agent.log").read_text()[-2000:])
-                if time.monotonic() - started > args.timeout:
-                    raise SystemExit(f"only {spooled} of {kept} documents spooled in "
-                                     f"{args.timeout} s")
-                if status.exists():
-                    try:
-                        snapshot = json.loads(status.read_text())
-                    except ValueError:
-                        continue
-                    spooled = sum(d["spool_records"] for d in snapshot["databases"].values())
+        with agent_running(config, stop_timeout=300,
+                           stderr=open(work / "agent.log", "wb")) as agent:
+            spooled = wait_spooled(agent, work / "etc" / "state", kept, work / "agent.log",
+                                   args.timeout)
             elapsed = time.monotonic() - started
             memory = memory_mib(agent.pid)
             cpu = cpu_seconds(agent.pid)
-        finally:
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(timeout=300)
     result = {"files": args.files, "mb_per_file": args.mb, "documents_spooled": spooled,
               "seconds": round(elapsed, 1), "cpu_s": round(cpu, 1),
               "peak_rss_mib": round(memory["VmHWM"], 1), "rss_mib": round(memory["VmRSS"], 1),

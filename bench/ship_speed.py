@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +31,7 @@ from agent.counters import SourceCounters  # noqa: E402
 from agent.lines import LineSplitter  # noqa: E402
 from agent.parser import LineContext, SourceParser  # noqa: E402
 from agent.types import Document, FileId, SourceFile  # noqa: E402
-from backend.pouchdb_server import PouchDBServer  # noqa: E402
+from bench.common import agent_running, couchdb_url, wait_stored  # noqa: E402
 from bench.fail2ban_log import SEED_SCHEMA, count_kept  # noqa: E402
 from bench.parse_speed import workload  # noqa: E402
 from bench.procstat import cpu_seconds, memory_mib  # noqa: E402
@@ -53,15 +50,10 @@ def agent_run(url: str, couch: CouchDB, log: Path, database: str, batch: int,
         "schema": SEED_SCHEMA, "fields": {"machine": "server"}}],
         shipping={"batch_max_docs": batch, "linger": "50ms"}, log={"level": "warning"})
     started = time.monotonic()
-    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)])
-    try:
-        while couch.count(database) < kept:
-            time.sleep(0.05)
+    with agent_running(config) as agent:
+        wait_stored(couch, database, kept, agent)
         wall = time.monotonic() - started
         cpu, rss = cpu_seconds(agent.pid), memory_mib(agent.pid)["VmHWM"]
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(timeout=60)
     return wall, cpu, rss
 
 
@@ -111,13 +103,7 @@ def main() -> int:
     docs = sum(body.count(b'"_id"') for body in bodies)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        server = None
-        url = os.environ.get("COUCHDB_URL")
-        if not url:
-            server = PouchDBServer(work / "couchdb")
-            server.start()
-            url = server.url
-        try:
+        with couchdb_url(work / "couchdb") as (url, server):
             couch = CouchDB(url)
             agent_runs: dict[int, list[tuple[float, float, float]]] = {b: [] for b in args.batch}
             loader_runs = []
@@ -127,9 +113,6 @@ def main() -> int:
                     agent_runs[batch].append(agent_run(url, couch, log, "log_bench_agent", batch, work))
             couch.delete_db("log_bench_loader")
             couch.delete_db("log_bench_agent")
-        finally:
-            if server is not None:
-                server.stop()
     loader = statistics.median(loader_runs)
     backend = "COUCHDB_URL" if server is None else "pouchdb-server"
     print(f"workload: {args.lines} lines -> {docs} documents; {backend}; "

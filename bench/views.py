@@ -18,7 +18,6 @@ on its own. Prints a markdown table (README's "Reports at scale").
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import subprocess
 import sys
@@ -32,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.report import Couch, install_documents, load_designs  # noqa: E402
-from backend.pouchdb_server import PouchDBServer  # noqa: E402
 from bench import fail2ban_log  # noqa: E402
+from bench.common import agent_running, couchdb_url, wait_stored  # noqa: E402
 from tests.agentproc import write_config  # noqa: E402
 from tests.couch import CouchDB  # noqa: E402
 
@@ -49,15 +48,6 @@ def kept_lines(count: int, seed: int, start: int) -> list[str]:
         if fail2ban_log.seed_keeps(text):
             out.append(f"2017-06-{1 + rng.randrange(30):02d}" + text[10:])
     return out
-
-
-def wait_count(couch: CouchDB, database: str, want: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while couch.count(database) < want:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"views bench: only {couch.count(database)} of {want} documents "
-                             f"arrived in {timeout:.0f}s")
-        time.sleep(0.2)
 
 
 def time_views(reader: Couch, database: str) -> dict[str, float]:
@@ -79,17 +69,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="couchlog-views-") as tmp:
         work = Path(tmp)
-        server = None
-        url = os.environ.get("COUCHDB_URL")
-        if not url:
-            server = PouchDBServer(work / "server")
-            server.start()
-            url = server.url
-        try:
+        with couchdb_url(work / "server") as (url, server):
             return run(args, work, url.rstrip("/"), "CouchDB" if server is None else "pouchdb-server")
-        finally:
-            if server is not None:
-                server.stop()
 
 
 def run(args: argparse.Namespace, work: Path, url: str, backend: str) -> int:
@@ -105,25 +86,23 @@ def run(args: argparse.Namespace, work: Path, url: str, backend: str) -> int:
               "include": ["NOTICE", "Ban"], "schema": fail2ban_log.SEED_SCHEMA,
               "fields": {"machine": "server"}}
     config = write_config(work / "etc", url, [source], shipping={"linger": "200ms"})
-    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
-                             stdout=subprocess.DEVNULL, stderr=open(work / "agent.log", "wb"))  # noqa: SIM115
     try:
-        time.sleep(2)  # the agent's first scan
-        started = time.monotonic()
-        with log.open("a") as out:
-            out.write("".join(t + "\n" for t in kept_lines(args.docs, 1, 0)))
-        wait_count(couch, database, args.docs, 1800)
-        ingest = args.docs / (time.monotonic() - started)
-        install_documents(admin, database, {d["_id"]: d for d in (
-            x.document() for x in load_designs())})
-        build = time_views(admin, database)
-        with log.open("a") as out:
-            out.write("".join(t + "\n" for t in kept_lines(args.more, 2, args.docs)))
-        wait_count(couch, database, args.docs + args.more, 1800)
-        update = time_views(admin, database)
+        with agent_running(config, stdout=subprocess.DEVNULL,
+                           stderr=open(work / "agent.log", "wb")) as agent:
+            time.sleep(2)  # the agent's first scan
+            started = time.monotonic()
+            with log.open("a") as out:
+                out.write("".join(t + "\n" for t in kept_lines(args.docs, 1, 0)))
+            wait_stored(couch, database, args.docs, agent, 1800, poll=0.2)
+            ingest = args.docs / (time.monotonic() - started)
+            install_documents(admin, database, {d["_id"]: d for d in (
+                x.document() for x in load_designs())})
+            build = time_views(admin, database)
+            with log.open("a") as out:
+                out.write("".join(t + "\n" for t in kept_lines(args.more, 2, args.docs)))
+            wait_stored(couch, database, args.docs + args.more, agent, 1800, poll=0.2)
+            update = time_views(admin, database)
     finally:
-        agent.terminate()
-        agent.wait(timeout=60)
         couch.delete_db(database)
     print(f"\n{backend}: {args.docs} documents, then {args.more} more; agent ingest "
           f"{ingest:,.0f} docs/s\n")

@@ -19,6 +19,8 @@ from typing import Any
 
 import aiohttp
 
+from backend.pouchdb_server import stop_process, wait_started
+
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--remote-debugging-port=0")
@@ -51,11 +53,10 @@ class Browser:
             stdout=subprocess.DEVNULL, stderr=open(self.profile / "stderr.log", "wb"))  # noqa: SIM115
         port_file = self.profile / "DevToolsActivePort"
         async with asyncio.timeout(timeout):
-            while not (port_file.exists() and port_file.read_text().strip()):
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"chromium exited with {self.process.returncode}: "
-                                       f"{(self.profile / 'stderr.log').read_text()[-2000:]}")
-                await asyncio.sleep(0.1)
+            await asyncio.to_thread(
+                wait_started, self.process,
+                lambda: port_file.exists() and bool(port_file.read_text().strip()),
+                timeout, "chromium", self.profile / "stderr.log")
             port = int(port_file.read_text().split()[0])
             self._session = aiohttp.ClientSession()
             page = None
@@ -133,11 +134,5 @@ class Browser:
             await self._ws.close()
         if self._session is not None:
             await self._session.close()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         shutil.rmtree(self.profile, ignore_errors=True)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import getpass
 import http.client
 import shutil
-import socket
 import ssl
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backend.pouchdb_server import free_port
+from backend.pouchdb_server import free_port, port_answers, stop_process, wait_started
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
 
@@ -69,27 +67,11 @@ class Nginx:
         self.process = subprocess.Popen(
             [str(NGINX), "-p", str(self.folder), "-c", str(self.conf), "-g", "daemon off;"],
             stdout=subprocess.DEVNULL, stderr=open(self.folder / "logs" / "stderr", "ab"))  # noqa: SIM115
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx exited with {self.process.returncode}: "
-                                   f"{(self.folder / 'logs' / 'stderr').read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"nginx did not listen on {port} within {timeout}s")
+        wait_started(self.process, lambda: port_answers(port), timeout, "nginx",
+                     self.folder / "logs" / "stderr")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -112,3 +113,23 @@ def sleep_until(deadline: float) -> None:
     delay = deadline - time.monotonic()
     if delay > 0:
         time.sleep(delay)
+
+
+def pipeline(tmp_path: Path, couch: CouchDB, couchdb_url: str, database: str,
+             *sources: dict[str, object], **main: object) -> Pipeline:
+    """A Pipeline of `sources`, named s0, s1, ... in order."""
+    return Pipeline(tmp_path, couch, couchdb_url, database,
+                    [{"name": f"s{i}", **s} for i, s in enumerate(sources)], **main)
+
+
+def events(flow: Pipeline, name: str) -> list[dict[str, Any]]:
+    """The `name` events of the agent's JSON log, in order."""
+    found = []
+    for line in flow.agent.log().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == name:
+            found.append(entry)
+    return found

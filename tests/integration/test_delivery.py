@@ -9,20 +9,26 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from tests.agentproc import wait_for
 from tests.couch import CouchDB
 from tests.faultproxy import FaultProxy
-from tests.integration.harness import Pipeline, append, numbered
+from tests.integration.faults import (
+    agent_status,
+    failover_flow,
+    flow_via,
+    refuse_secrets,
+    spooled_bytes,
+    through,
+)
+from tests.integration.harness import Pipeline, append, events, numbered
 
 pytestmark = pytest.mark.integration
 
@@ -31,31 +37,6 @@ pytestmark = pytest.mark.integration
 def proxy(couchdb_url: str) -> Iterator[FaultProxy]:
     with FaultProxy(couchdb_url, seed=4) as running:
         yield running
-
-
-def through(proxy: FaultProxy, couchdb_url: str) -> str:
-    """`couchdb_url` with its credentials, pointed at the proxy."""
-    parts = urlsplit(couchdb_url)
-    auth = f"{parts.username}:{parts.password}@" if parts.username else ""
-    return urlunsplit((parts.scheme, f"{auth}127.0.0.1:{proxy.port}", parts.path, "", ""))
-
-
-def flow_via(proxy: FaultProxy, tmp_path: Path, couch: CouchDB, couchdb_url: str, database: str,
-             logs: Path, **main: object) -> Pipeline:
-    settings: dict[str, object] = {"couchdb": {"request_timeout": "1s"},
-                                   "shipping": {"batch_max_docs": 300, "retry_max_backoff": "500ms"}}
-    for key, value in main.items():
-        settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value  # type: ignore[dict-item]
-    return Pipeline(tmp_path, couch, through(proxy, couchdb_url), database,
-                    [{"name": "app", "paths": [str(logs / "app.log*")], "exclude_paths": ["*.gz"]}],
-                    **settings)
-
-
-@pytest.fixture
-def logs(tmp_path: Path) -> Path:
-    folder = tmp_path / "logs"
-    folder.mkdir()
-    return folder
 
 
 class Writer(threading.Thread):
@@ -87,17 +68,6 @@ class Writer(threading.Thread):
         self._halt.set()
         self.join(10)
         return self.written
-
-
-def agent_status(flow: Pipeline, *args: str) -> tuple[int, str]:
-    result = subprocess.run([sys.executable, "-m", "agent", "status", "-c", str(flow.config), *args],
-                            capture_output=True, text=True, timeout=30)
-    return result.returncode, result.stdout
-
-
-def spooled_bytes(flow: Pipeline) -> int:
-    folder = flow.config.parent / "state" / "spool"
-    return sum(p.stat().st_size for p in folder.rglob("*.seg")) if folder.exists() else 0
 
 
 def test_a_kill_9_at_random_moments_during_heavy_shipping(
@@ -267,10 +237,7 @@ def test_f_no_space_left_for_the_spool(tmp_path: Path, logs: Path, couch: CouchD
 def test_documents_couchdb_refuses_go_to_the_dead_letter_file(
         tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
         proxy: FaultProxy) -> None:
-    status, body = couch.request("PUT", f"/{database}/_design/guard", {
-        "validate_doc_update": "function (doc) { if (doc.msg && doc.msg.indexOf('secret') === 0) "
-                               "{ throw({forbidden: 'no secrets here'}); } }"})
-    assert status in (201, 202), body
+    refuse_secrets(couch, database)
     lines = [f"{'secret' if n % 10 == 0 else 'public'} line {n}" for n in range(500)]
     flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs).start()
     written = append(logs / "app.log", lines)
@@ -311,10 +278,7 @@ def test_fails_over_to_the_next_url_and_comes_back(
         tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
         proxy: FaultProxy) -> None:
     proxy.set("reset")
-    flow = Pipeline(tmp_path, couch, through(proxy, couchdb_url), database,
-                    [{"name": "app", "paths": [str(logs / "app.log")]}],
-                    couchdb={"url": [through(proxy, couchdb_url), couchdb_url],
-                             "request_timeout": "1s", "failback_after": "1s"}).start()
+    flow = failover_flow(proxy, tmp_path, couch, couchdb_url, database, logs, "1s").start()
     written = append(logs / "app.log", numbered("failover", 0, 1000))
     flow.wait_for(written)
     assert '"couchdb_failover"' in flow.agent.log()
@@ -325,15 +289,6 @@ def test_fails_over_to_the_next_url_and_comes_back(
     flow.wait_for(written)
     assert '"couchdb_failback"' in flow.agent.log() and proxy.requests > requests
     flow.stop()
-
-
-def shipper_progress(flow: Pipeline) -> list[dict[str, object]]:
-    """The `shipper_progress` events of the agent's JSON log (one per database at each stop)."""
-    events = []
-    for line in flow.agent.log().splitlines():
-        if '"shipper_progress"' in line:
-            events.append(json.loads(line))
-    return events
 
 
 def test_document_errors_are_retried_a_bounded_number_of_times_then_dead_lettered(
@@ -407,10 +362,7 @@ def test_a_refused_batch_goes_to_the_next_url_not_the_spool_and_fails_back_after
         tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
         proxy: FaultProxy) -> None:
     proxy.set("reset")
-    flow = Pipeline(tmp_path, couch, through(proxy, couchdb_url), database,
-                    [{"name": "app", "paths": [str(logs / "app.log")]}],
-                    couchdb={"url": [through(proxy, couchdb_url), couchdb_url],
-                             "request_timeout": "1s", "failback_after": "500ms"}).start()
+    flow = failover_flow(proxy, tmp_path, couch, couchdb_url, database, logs, "500ms").start()
     written = append(logs / "app.log", numbered("first", 0, 1000))
     flow.wait_for(written)
     assert '"couchdb_failover"' in flow.agent.log()
@@ -426,7 +378,7 @@ def test_a_refused_batch_goes_to_the_next_url_not_the_spool_and_fails_back_after
     flow.wait_for(written)
     assert proxy.bulk_requests > requests
     flow.stop()
-    assert [e["spooled"] for e in shipper_progress(flow)] == [0]
+    assert [e["spooled"] for e in events(flow, "shipper_progress")] == [0]
 
 
 def test_an_unwritable_spool_folder_pauses_reading_and_never_crashes(

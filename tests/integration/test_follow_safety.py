@@ -6,45 +6,19 @@ Each test compares the exact multiset of documents in the database with the line
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.agentproc import wait_for
 from tests.couch import CouchDB
-from tests.integration.harness import Pipeline, append, numbered
+from tests.integration.harness import append, events, numbered, pipeline
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def logs(tmp_path: Path) -> Path:
-    folder = tmp_path / "logs"
-    folder.mkdir()
-    return folder
-
-
-def pipeline(tmp_path: Path, couch: CouchDB, couchdb_url: str, database: str,
-             **source: Any) -> Pipeline:
-    return Pipeline(tmp_path, couch, couchdb_url, database, [{"name": "s", **source}])
-
-
-def events(flow: Pipeline, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in flow.agent.log().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == name:
-            found.append(entry)
-    return found
 
 
 def device_node(path: Path) -> None:
@@ -66,7 +40,7 @@ def test_only_regular_files_are_shipped_and_each_skip_is_logged_once(
     (logs / "folder.log").mkdir()
     (logs / "loop.log").symlink_to(logs / "loop2.log")
     (logs / "loop2.log").symlink_to(logs / "loop.log")
-    flow = pipeline(tmp_path, couch, couchdb_url, database, paths=[str(logs / "*.log")]).start()
+    flow = pipeline(tmp_path, couch, couchdb_url, database, {"paths": [str(logs / "*.log")]}).start()
     written = append(logs / "app.log", numbered("app", 0, 500))
     flow.wait_for(written)
     time.sleep(3)  # several rescans (scan_interval is 1s): each skip must still be logged once
@@ -89,8 +63,8 @@ def test_follow_symlinks_follows_only_links_to_regular_files(
     (logs / "link.log").symlink_to(target)
     os.mkfifo(tmp_path / "fifo")
     (logs / "fifo-link.log").symlink_to(tmp_path / "fifo")
-    flow = pipeline(tmp_path, couch, couchdb_url, database, paths=[str(logs / "*.log")],
-                    follow_symlinks=True).start()
+    flow = pipeline(tmp_path, couch, couchdb_url, database,
+                    {"paths": [str(logs / "*.log")], "follow_symlinks": True}).start()
     flow.wait_for(written)
     written += append(target, numbered("more", 0, 300))
     flow.wait_for(written)
@@ -103,7 +77,7 @@ def test_a_fifo_renamed_over_a_followed_path_does_not_hang_the_agent(
     """A scan finds a regular file at the path; a FIFO replaces it before the tailer opens it.
     Opening a FIFO for reading waits for a writer: the whole agent hung, deaf to SIGTERM."""
     log = logs / "app.log"
-    flow = pipeline(tmp_path, couch, couchdb_url, database, paths=[str(log)]).start()
+    flow = pipeline(tmp_path, couch, couchdb_url, database, {"paths": [str(log)]}).start()
     flips = 0
     deadline = time.monotonic() + 4
     while time.monotonic() < deadline:
@@ -128,7 +102,7 @@ def test_a_fifo_renamed_over_a_followed_path_does_not_hang_the_agent(
 def test_a_file_renamed_out_of_paths_while_stopped_is_read_to_its_end(
         tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str) -> None:
     log = logs / "app.log"
-    flow = pipeline(tmp_path, couch, couchdb_url, database, paths=[str(log)]).start()
+    flow = pipeline(tmp_path, couch, couchdb_url, database, {"paths": [str(log)]}).start()
     written = append(log, numbered("before", 0, 1000))
     flow.wait_for(written)
     flow.stop()
@@ -152,8 +126,8 @@ def test_the_last_multiline_event_of_a_file_rotated_before_a_restart_is_shipped(
     """log4j's hourly rotation with `paths: [server.log]`: the agent stops while the rotated
     file is still read (within rotate_wait), its last event still pending."""
     log = logs / "server.log"
-    flow = pipeline(tmp_path, couch, couchdb_url, database, paths=[str(log)],
-                    rotate_wait="1h", multiline={"start": r"^\[", "timeout": "1h"}).start()
+    flow = pipeline(tmp_path, couch, couchdb_url, database, {
+        "paths": [str(log)], "rotate_wait": "1h", "multiline": {"start": r"^\[", "timeout": "1h"}}).start()
     trace = ["java.lang.IllegalStateException: boom", "\tat a.b.C.d(C.java:1)",
              "\tat a.b.C.e(C.java:2)"]
     lines = []

@@ -20,8 +20,8 @@ import yaml
 from tests.agentproc import wait_for
 from tests.couch import CouchDB
 from tests.faultproxy import FaultProxy
+from tests.integration.faults import failover_flow, flow_via, refuse_secrets
 from tests.integration.harness import Pipeline, append, numbered
-from tests.integration.test_delivery import flow_via, through
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +32,6 @@ OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 def proxy(couchdb_url: str) -> Iterator[FaultProxy]:
     with FaultProxy(couchdb_url, seed=12) as running:
         yield running
-
-
-@pytest.fixture
-def logs(tmp_path: Path) -> Path:
-    folder = tmp_path / "logs"
-    folder.mkdir()
-    return folder
 
 
 def status(flow: Pipeline) -> tuple[int, str]:
@@ -150,10 +143,7 @@ def test_a_stuck_agent_and_a_stopped_one_are_unknown(
 def test_dead_letters_are_critical_within_the_window_across_a_restart(
         tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str,
         proxy: FaultProxy) -> None:
-    code, body = couch.request("PUT", f"/{database}/_design/guard", {
-        "validate_doc_update": "function (doc) { if (doc.msg && doc.msg.indexOf('secret') === 0) "
-                               "{ throw({forbidden: 'no secrets here'}); } }"})
-    assert code in (201, 202), body
+    refuse_secrets(couch, database)
     lines = [f"{'secret' if n % 10 == 0 else 'public'} line {n}" for n in range(100)]
     flow = flow_via(proxy, tmp_path, couch, couchdb_url, database, logs).start()
     written = append(logs / "app.log", lines)
@@ -175,11 +165,7 @@ def test_failed_over_is_a_warning_naming_the_url_in_use(
     """The first URL dead for the whole run: documents flow through the second, and status says
     WARNING (not OK, as a 3-node outage showed before), with each URL's state in the snapshot."""
     proxy.set("reset")
-    first, second = through(proxy, couchdb_url), couchdb_url
-    flow = Pipeline(tmp_path, couch, first, database,
-                    [{"name": "app", "paths": [str(logs / "app.log")]}],
-                    couchdb={"url": [first, second], "request_timeout": "1s",
-                             "failback_after": "1h"}).start()
+    flow = failover_flow(proxy, tmp_path, couch, couchdb_url, database, logs, "1h").start()
     written = append(logs / "app.log", numbered("failover", 0, 500))
     flow.wait_for(written)
     wait_for_status(flow, WARNING, "COUCHLOG WARNING - ")

@@ -17,22 +17,15 @@ import pytest
 
 from tests.agentproc import wait_for
 from tests.couch import CouchDB
-from tests.integration.harness import Pipeline, append, messages_in, numbered, sleep_until
+from tests.integration.harness import (
+    append,
+    messages_in,
+    numbered,
+    pipeline,
+    sleep_until,
+)
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def logs(tmp_path: Path) -> Path:
-    folder = tmp_path / "logs"
-    folder.mkdir()
-    return folder
-
-
-def pipeline(tmp_path: Path, couch: CouchDB, couchdb_url: str, database: str,
-             *sources: dict[str, object], **main: object) -> Pipeline:
-    return Pipeline(tmp_path, couch, couchdb_url, database,
-                    [{"name": f"s{i}", **s} for i, s in enumerate(sources)], **main)
 
 
 def write_at_rate(path: Path, prefix: str, seconds: float, rotate_every: float,

@@ -6,29 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from agent import config
 from agent.cli import main
+from tests.unit.configfiles import problems, write_config_files
 
 GOOD_SOURCE = {"name": "fail2ban", "paths": ["/var/log/fail2ban.log"], "schema": "$date $rest..."}
 
 
 def write(folder: Path, main_file: Any = None, sources: dict[str, Any] | None = None) -> Path:
-    (folder / "conf.d").mkdir(exist_ok=True)
-    path = folder / "agent.yaml"
-    body = {"couchdb": {"url": "http://127.0.0.1:5984"}, "state_dir": "state"} \
-        if main_file is None else main_file
-    path.write_text(body if isinstance(body, str) else yaml.safe_dump(body))
-    for name, source in (sources if sources is not None else {"f.yaml": GOOD_SOURCE}).items():
-        (folder / "conf.d" / name).write_text(source if isinstance(source, str) else yaml.safe_dump(source))
-    return path
-
-
-def problems(path: Path) -> list[str]:
-    with pytest.raises(config.ConfigError) as info:
-        config.load(path)
-    return [str(p) for p in info.value.problems]
+    return write_config_files(folder, main_file, {"f.yaml": GOOD_SOURCE} if sources is None else sources)
 
 
 def test_good_config_loads_with_defaults(tmp_path: Path) -> None:

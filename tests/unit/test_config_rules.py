@@ -21,6 +21,7 @@ import yaml
 from agent import config
 from agent.cli import main
 from agent.couchdb import endpoints
+from tests.unit.configfiles import problems, write_config_files
 
 GOOD_SOURCE = {"name": "app", "paths": ["/var/log/app.log"], "schema": "$msg..."}
 # Every character that means something in a URL, and the ones people paste by mistake.
@@ -30,21 +31,8 @@ RAW_PASSWORD = "p#w/d?q@r:s%zz u&v=w+x;y,z!$'()*~"  # `%zz` is no escape, so it 
 
 def write(folder: Path, main_file: Any = None, sources: dict[str, Any] | None = None,
           mode: int = 0o600) -> Path:
-    (folder / "conf.d").mkdir(exist_ok=True)
-    path = folder / "agent.yaml"
-    body = {"couchdb": {"url": "http://127.0.0.1:5984"}, "state_dir": "state"} \
-        if main_file is None else main_file
-    path.write_text(body if isinstance(body, str) else yaml.safe_dump(body))
-    path.chmod(mode)
-    for name, source in (sources if sources is not None else {"s.yaml": GOOD_SOURCE}).items():
-        (folder / "conf.d" / name).write_text(source if isinstance(source, str) else yaml.safe_dump(source))
-    return path
-
-
-def problems(path: Path) -> list[str]:
-    with pytest.raises(config.ConfigError) as info:
-        config.load(path)
-    return [str(p) for p in info.value.problems]
+    return write_config_files(folder, main_file, {"s.yaml": GOOD_SOURCE} if sources is None else sources,
+                              mode)
 
 
 def secret_forms(password: str) -> list[str]:

@@ -7,21 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.config import Problem, SourceConfig, source_from_mapping
-from agent.counters import SourceCounters
 from agent.parser import LineContext, SourceParser, id_prefix
-from agent.types import FileId, Lines, RawLine, SourceFile
-
-FILE = FileId(0xFE00, 0x1234, "ab12cd34ef56ab78")
-
-
-def make_parser(**keys: Any) -> tuple[SourceParser, SourceCounters]:
-    problems: list[Problem] = []
-    source = source_from_mapping("test.yaml", {"name": "t", "paths": ["/x"], **keys}, problems)
-    assert not problems, problems
-    assert isinstance(source, SourceConfig)
-    counters = SourceCounters()
-    return SourceParser(source, "host1", counters), counters
+from agent.types import Lines, RawLine, SourceFile
+from tests.unit.sources import FILE, make_parser
 
 
 def parse(parser: SourceParser, text: bytes | str) -> dict[str, Any] | None:

@@ -17,14 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.cli import _render
-from agent.config import Problem, SourceConfig, source_from_mapping
-from agent.counters import SourceCounters
 from agent.lines import LineSplitter
 from agent.multiline import MultilineAssembler
 from agent.parser import LineContext, SourceParser, id_prefix
-from agent.types import FileId, Lines, SourceFile
+from agent.types import Lines, SourceFile
+from tests.unit.sources import FILE, make_parser
 
-FILE = FileId(0xFE00, 0x1234, "ab12cd34ef56ab78")
 CONTEXT = LineContext(SourceFile("f", FILE), "/var/log/f.log", "2026-01-01T00:00:00.000+00:00")
 MAX_LINE = 4096
 
@@ -72,15 +70,6 @@ LINES = st.lists(st.one_of(JSON_LINES, TEXT_LINES), min_size=1, max_size=12)
 ENDINGS = st.sampled_from([b"\n", b"\r\n"])
 
 
-def make_parser(keys: dict[str, Any]) -> tuple[SourceParser, SourceCounters]:
-    problems: list[Problem] = []
-    source = source_from_mapping("fuzz.yaml", {"name": "f", "paths": ["/x"], **keys}, problems)
-    assert not problems, problems
-    assert isinstance(source, SourceConfig)
-    counters = SourceCounters()
-    return SourceParser(source, "host1", counters), counters
-
-
 def framed(parser: SourceParser, blob: bytes) -> Lines:
     splitter = LineSplitter(MAX_LINE)
     lines = list(splitter.feed(blob))
@@ -102,7 +91,7 @@ def test_every_line_is_one_valid_document_or_a_counted_drop(kind: str) -> None:
                                                                       HealthCheck.data_too_large])
     @given(LINES, ENDINGS)
     def check(texts: list[bytes], ending: bytes) -> None:
-        parser, counters = make_parser(KINDS[kind])
+        parser, counters = make_parser(name="f", **KINDS[kind])
         lines = framed(parser, b"".join(t.replace(b"\n", b" ") + ending for t in texts))
         docs = parser.documents(lines, CONTEXT)
 
@@ -120,7 +109,7 @@ def test_every_line_is_one_valid_document_or_a_counted_drop(kind: str) -> None:
         again = parser.documents(lines, CONTEXT)
         assert [d.doc_id for d in again] == [d.doc_id for d in docs]
         # `agent parse` prints the same lines through its own path.
-        for printed in _render(make_parser(KINDS[kind])[0], lines).splitlines():
+        for printed in _render(make_parser(name="f", **KINDS[kind])[0], lines).splitlines():
             assert not any(k.startswith("_") for k in orjson.loads(printed))
 
     check()

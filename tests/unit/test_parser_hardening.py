@@ -15,28 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.cli import main
-from agent.config import Problem, SourceConfig, source_from_mapping
-from agent.counters import SourceCounters
 from agent.multiline import MultilineAssembler
 from agent.parser import LineContext, SourceParser
 from agent.schema import compile_schema
-from agent.types import FileId, Lines, RawLine, SourceFile
+from agent.types import Lines, RawLine, SourceFile
+from tests.unit.sources import FILE, make_parser
 
-FILE = FileId(0xFE00, 0x1234, "ab12cd34ef56ab78")
 CONTEXT = LineContext(SourceFile("t", FILE), "/var/log/x.log", "2026-01-01T00:00:00.000+00:00")
 EVIL = "a" * 40 + "b"
 """`^(a+)+$` on this takes about 2^40 steps on a backtracking engine."""
 BACKREF_EVIL = r"^(?P<x>(a|aa)+)\1b$"
 """Needs a backreference, so RE2 cannot run it; exponential on the `regex` module too."""
-
-
-def make_parser(**keys: Any) -> tuple[SourceParser, SourceCounters]:
-    problems: list[Problem] = []
-    source = source_from_mapping("test.yaml", {"name": "t", "paths": ["/x"], **keys}, problems)
-    assert not problems, problems
-    assert isinstance(source, SourceConfig)
-    counters = SourceCounters()
-    return SourceParser(source, "host1", counters), counters
 
 
 def lines_of(*texts: bytes) -> Lines:

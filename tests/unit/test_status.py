@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import stat
@@ -23,6 +22,7 @@ from hypothesis import strategies as st
 from agent import cli
 from agent.status import EXIT_OK, EXIT_UNKNOWN, StatusFile, mismatch, render
 from tests.agentproc import write_config
+from tests.unit.snapshots import JSON, damage, paths
 from tests.unit.test_watcher_status import snapshot
 
 
@@ -91,23 +91,6 @@ def test_the_snapshot_is_written_0640(tmp_path: Path) -> None:
     assert stat.S_IMODE(status_file.path.stat().st_mode) == 0o640 & ~old == 0o640
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
-                                                               max_size=4),
-    max_leaves=20)
-
-
-def paths(value: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    """Every place in a JSON value, the value itself first."""
-    yield at
-    items = value.items() if isinstance(value, dict) else enumerate(value) \
-        if isinstance(value, list) else ()
-    for key, inner in items:
-        yield from paths(inner, (*at, key))
-
-
 PLACES = list(paths(snapshot()))[1:]
 
 
@@ -122,14 +105,7 @@ def test_render_survives_any_json_value(value: Any) -> None:
 @given(place=st.sampled_from(PLACES), value=JSON | st.just(KeyError), now=st.floats(0, 1e11))
 def test_render_survives_any_part_of_a_snapshot_replaced(place: tuple[Any, ...], value: Any,
                                                          now: float) -> None:
-    damaged = snapshot()
-    target = damaged
-    for key in place[:-1]:
-        target = target[key]
-    if value is KeyError:
-        del target[place[-1]]
-    else:
-        target[place[-1]] = copy.deepcopy(value)
+    damaged = damage(snapshot(), place, value)
     text, code = render(damaged, Path("/s/status.json"), now=now)
     assert isinstance(text, str) and code in (0, 1, 2, 3)
     if mismatch(damaged) is not None:

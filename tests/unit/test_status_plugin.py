@@ -4,7 +4,6 @@ read from the `status:` section of the main config."""
 
 from __future__ import annotations
 
-import copy
 import re
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from agent.status import (
 )
 from tests.agentproc import write_config
 from tests.unit import test_watcher_status
-from tests.unit.test_status import JSON, paths
+from tests.unit.snapshots import JSON, damage, paths
 
 NOW = 1_800_000_000.0
 """A fixed clock, so no case depends on when the test runs (collection may be long before)."""
@@ -228,14 +227,7 @@ FULL_PLACES = list(paths(full_snapshot()))[1:]
        now=st.floats(0, 1e11))
 def test_render_survives_any_part_of_the_new_fields_replaced(place: tuple[Any, ...], value: Any,
                                                             now: float) -> None:
-    damaged = full_snapshot()
-    target = damaged
-    for key in place[:-1]:
-        target = target[key]
-    if value is KeyError:
-        del target[place[-1]]
-    else:
-        target[place[-1]] = copy.deepcopy(value)
+    damaged = damage(full_snapshot(), place, value)
     text, code = render(damaged, Path("/s/status.json"), now=now, limits=LIMITS,
                         dead_letter_at=now - 1)
     assert isinstance(text, str) and code in (0, 1, 2, 3)

@@ -7,23 +7,15 @@ import asyncio
 import os
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from agent.config import Problem, SourceConfig, source_from_mapping
 from agent.identity import read_fingerprint
 from agent.offsets import FileProgress, OffsetStore
 from agent.tailer import Found, Tailer, TailerSet, _find_unfinished
 from agent.types import Checkpoint, FileId, Lines, SourceFile
 from agent.watcher import scan
-
-
-def source(**keys: Any) -> SourceConfig:
-    problems: list[Problem] = []
-    made = source_from_mapping("s.yaml", {"name": "s", "schema": "$m...", **keys}, problems)
-    assert made is not None, problems
-    return made
+from tests.unit.sources import source
 
 
 def test_scan_never_follows_a_file_in_the_state_dir(tmp_path: Path) -> None:

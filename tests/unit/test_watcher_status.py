@@ -12,17 +12,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent import watcher as watcher_module
-from agent.config import Problem, SourceConfig, source_from_mapping
 from agent.status import EXIT_CRITICAL, EXIT_NOT_RUNNING, EXIT_OK, render
 from agent.tailer import Found, Skipped
 from agent.watcher import Watcher, excluded, scan, watch_roots
-
-
-def source(**keys: Any) -> SourceConfig:
-    problems: list[Problem] = []
-    made = source_from_mapping("s.yaml", {"name": "s", "schema": "$m...", **keys}, problems)
-    assert made is not None, problems
-    return made
+from tests.unit.sources import source
 
 
 def test_scan_follows_globs_and_exclusions(tmp_path: Path) -> None:
