@@ -151,22 +151,23 @@
         return row.id.indexOf('host:') === 0 && row.doc && typeof row.doc === 'object';
       }).map(function (row) {
         var seen = updated(row.doc);
-        return { doc: row.doc, age: now - seen,
+        var host = row.doc.host === undefined ? row.id.slice(5) : row.doc.host;
+        return { doc: row.doc, host: text(host, 200), age: now - seen,
           stale: now - seen > FLEET_STALE_INTERVALS * FLEET_INTERVAL_S };
       });
       // Quiet hosts first, then by name: the ones that need a look are on top.
       rows.sort(function (a, b) {
         if (a.stale !== b.stale) { return a.stale ? -1 : 1; }
-        return a.doc._id < b.doc._id ? -1 : a.doc._id > b.doc._id ? 1 : 0;
+        return a.host < b.host ? -1 : a.host > b.host ? 1 : 0;
       });
       var tbody = $('fleet').tBodies[0];
       tbody.textContent = '';
       rows.forEach(function (row) {
         var doc = row.doc;
         var tr = tbody.insertRow();
-        tr.dataset.host = text(doc.host === undefined ? row.doc._id.slice(5) : doc.host, 200);
+        tr.dataset.host = row.host;
         if (row.stale) { tr.className = 'stale'; }
-        var cells = [tr.dataset.host, updated(doc) ? ago(row.age) : 'never', field(doc.health),
+        var cells = [row.host, updated(doc) ? ago(row.age) : 'never', field(doc.health),
           field(doc.bytes_behind), field(doc.spool_documents), field(doc.spool_bytes),
           row.stale ? 'NOT SEEN for over ' + FLEET_STALE_INTERVALS + ' intervals'
             : doc.event === 'stop' ? 'stopped' : ''];
