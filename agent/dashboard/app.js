@@ -7,6 +7,12 @@
   var TAIL_KEEP = 100;
   var LONGPOLL_CLIENT_TIMEOUT_MS = 20000; // pouchdb-server ignores `timeout`: abort and re-ask
   var BACKOFF_MAX_MS = 4000;
+  var FLEET_DB = 'couchlog_fleet';
+  // Fleet documents do not say their agent's fleet.interval: the default (60 s) is assumed, as
+  // `agent report fleet` does without -c. A host is flagged after 3 of them.
+  var FLEET_INTERVAL_S = 60;
+  var FLEET_STALE_INTERVALS = 3;
+  var FLEET_REFRESH_MS = 30000;
   var state = { auth: null, db: null, plot: null, reconnects: 0 };
 
   function $(id) { return document.getElementById(id); }
@@ -54,6 +60,7 @@
       $('login').hidden = true;
       $('main').hidden = false;
       refresh();
+      fleet();
       tail();
     }).catch(function (err) { $('login-error').textContent = 'cannot reach the server: ' + err.message; });
   });
@@ -117,6 +124,69 @@
   $('report').addEventListener('change', refreshChart);
   $('period').addEventListener('change', refreshChart);
   $('field').addEventListener('change', refreshTop);
+
+  // ---- fleet: one document per host in couchlog_fleet (written by each agent) ----
+  function ago(seconds) {
+    var units = [['d', 86400], ['h', 3600], ['m', 60]];
+    for (var i = 0; i < units.length; i++) {
+      if (seconds >= units[i][1]) { return Math.floor(seconds / units[i][1]) + units[i][0] + ' ago'; }
+    }
+    return Math.max(0, Math.floor(seconds)) + 's ago';
+  }
+
+  function updated(doc) { return Number(doc.updated_at) || 0; }
+
+  // A field that may be missing (an older agent's document): blank, not "undefined".
+  function field(value) { return value === undefined || value === null ? '' : text(value, 40); }
+
+  function refreshFleet() {
+    return fetch('/' + FLEET_DB + '/_all_docs?include_docs=true', {
+      headers: { Authorization: state.auth, Accept: 'application/json' }, cache: 'no-store'
+    }).then(function (r) {
+      if (!r.ok) { throw new Error(FLEET_DB + ': HTTP ' + r.status + (r.status === 404 ? ' (run agent setup)' : '')); }
+      return r.json();
+    }).then(function (body) {
+      var now = Date.now() / 1000;
+      var rows = body.rows.filter(function (row) {
+        return row.id.indexOf('host:') === 0 && row.doc && typeof row.doc === 'object';
+      }).map(function (row) {
+        var seen = updated(row.doc);
+        var host = row.doc.host === undefined ? row.id.slice(5) : row.doc.host;
+        return { doc: row.doc, host: text(host, 200), age: now - seen,
+          stale: now - seen > FLEET_STALE_INTERVALS * FLEET_INTERVAL_S };
+      });
+      // Quiet hosts first, then by name: the ones that need a look are on top.
+      rows.sort(function (a, b) {
+        if (a.stale !== b.stale) { return a.stale ? -1 : 1; }
+        return a.host < b.host ? -1 : a.host > b.host ? 1 : 0;
+      });
+      var tbody = $('fleet').tBodies[0];
+      tbody.textContent = '';
+      rows.forEach(function (row) {
+        var doc = row.doc;
+        var tr = tbody.insertRow();
+        tr.dataset.host = row.host;
+        if (row.stale) { tr.className = 'stale'; }
+        var cells = [row.host, updated(doc) ? ago(row.age) : 'never', field(doc.health),
+          field(doc.bytes_behind), field(doc.spool_documents), field(doc.spool_bytes),
+          row.stale ? 'NOT SEEN for over ' + FLEET_STALE_INTERVALS + ' intervals'
+            : doc.event === 'stop' ? 'stopped' : ''];
+        cells.forEach(function (value, i) {
+          var td = tr.insertCell();
+          td.textContent = value;
+          if (i >= 3 && i <= 5) { td.className = 'n'; }
+        });
+      });
+      $('fleet-error').textContent = '';
+    }).catch(function (err) { $('fleet-error').textContent = err.message; });
+  }
+
+  async function fleet() {
+    for (;;) {
+      await refreshFleet();
+      await sleep(FLEET_REFRESH_MS);
+    }
+  }
 
   // ---- live tail from _changes (longpoll), reconnecting after the server or network drops ----
   function setStatus(text, kind) {

@@ -9,7 +9,8 @@ answers it with the reader's credentials the way a person answers the browser's 
 Nothing is added to the browser's requests. Documents come in through the front anonymously
 (the public writer) and must show in the live tail within 5 s; after the backend is stopped and
 started again (nginx stays) the tail reconnects and shows the next one. Hostile documents must
-render as text, fire no script, and not stop the tail.
+render as text, fire no script, and not stop the tail. The fleet panel lists the hosts of
+couchlog_fleet (one fresh document, one an hour old) and flags the old one.
 
 With COUCHDB_URL set the test cannot restart that server: only the reconnect step is skipped.
 A screenshot of the page is saved as dashboard.png in the test's tmp dir, and copied to
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 from collections import Counter
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -321,3 +323,61 @@ async def test_dashboard_renders_hostile_documents_as_text(backend: Backend, tmp
             assert injected == 0
             assert page.dialogs == []
             assert await browser.evaluate("document.getElementById('chart-error').textContent") == ""
+
+
+FLEET_ROWS = ("Array.from(document.querySelectorAll('#fleet tbody tr')).map("
+              "r => [r.dataset.host, r.className, Array.from(r.cells).map(c => c.textContent)])")
+
+
+async def test_dashboard_fleet_panel_lists_hosts_and_flags_the_quiet_one(
+        backend: Backend, tmp_path: Path) -> None:
+    """Two fleet documents put in couchlog_fleet by an admin: one written now, one an hour ago
+    (past 3 intervals of 60 s). The panel, read as the reader through the front, lists both with
+    their numbers as text, and flags only the old one."""
+    couch = CouchDB(backend.url)
+    tag = secrets.token_hex(4)
+    now = datetime.now(UTC).timestamp()
+    fresh = {"_id": f"host:web-{tag}", "host": f"web-{tag}", "health": "OK", "updated_at": now,
+             "event": "tick", "bytes_behind": 1234, "spool_documents": 0, "spool_bytes": 0}
+    old = {"_id": f"host:db-{tag}{IMG}", "host": f"db-{tag}{IMG}", "health": "WARNING",
+           "updated_at": now - 3600, "event": "tick", "bytes_behind": 98765,
+           "spool_documents": 17, "spool_bytes": 4096}
+    with running_front(backend.url, couch, tmp_path / "front",
+                       f"log_dash_{secrets.token_hex(4)}") as front:
+        # `agent setup` (in running_front) created couchlog_fleet with the reader as a member.
+        status, answer = couch.request("POST", "/couchlog_fleet/_bulk_docs", {"docs": [fresh, old]})
+        assert status == 201 and all("rev" in a for a in answer), answer
+        try:
+            async with dashboard(front) as page:
+                browser = page.browser
+                await page.log_in(front.reader.password)
+                rows = await browser.wait_for(
+                    f"(rows => rows.length === 2 && rows)({FLEET_ROWS}"
+                    f".filter(r => r[0].includes({json.dumps(tag)})))",
+                    20, "both hosts in the fleet panel",
+                    show="(document.getElementById('fleet') || {}).innerText + ' ' + "
+                         "(document.getElementById('fleet-error') || {}).textContent")
+                by_host = {host: (kind, cells) for host, kind, cells in rows}
+                kind, cells = by_host[old["host"]]
+                assert kind == "stale"
+                assert cells[0] == old["host"] and cells[1] == "1h ago"
+                assert cells[2:6] == ["WARNING", "98765", "17", "4096"]
+                assert cells[6] == "NOT SEEN for over 3 intervals"
+                kind, cells = by_host[fresh["host"]]
+                assert kind == ""
+                assert cells[0] == fresh["host"] and re.fullmatch(r"[0-9]+[sm] ago", cells[1])
+                assert cells[2:7] == ["OK", "1234", "0", "0", ""]
+                # Quiet hosts come first; the host's markup stayed text.
+                hosts = [r[0] for r in await browser.evaluate(FLEET_ROWS)]
+                assert hosts.index(old["host"]) < hosts.index(fresh["host"])
+                assert await browser.evaluate(
+                    "document.querySelectorAll('#fleet tbody *:not(tr):not(td)').length") == 0
+                assert await browser.evaluate(
+                    "document.getElementById('fleet-error').textContent") == ""
+                assert page.dialogs == []
+        finally:
+            for doc in (fresh, old):
+                got, current = couch.request("GET", f"/couchlog_fleet/{quote(doc['_id'], safe='')}")
+                if got == 200:
+                    couch.request("DELETE", f"/couchlog_fleet/{quote(doc['_id'], safe='')}"
+                                  f"?rev={current['_rev']}")
