@@ -164,9 +164,16 @@ class Tailer:
         work = asyncio.ensure_future(asyncio.to_thread(call, *args))
         # Its error is the caller's to see; once the caller is cancelled, nobody's.
         work.add_done_callback(_retrieve)
+        # Forgotten once done: a finished call holds its result (a whole chunk), and a tailer
+        # waiting for the read budget must hold none (1,000 files: 1,000 chunks, 250 MiB).
+        work.add_done_callback(self._forget)
         self._in_flight = work
         result: T = await asyncio.shield(work)
         return result
+
+    def _forget(self, work: asyncio.Future[Any]) -> None:
+        if self._in_flight is work:
+            self._in_flight = None
 
     async def _open(self) -> bool:
         """Open the file in a thread (a hung NFS mount stalls only this file). False if it

@@ -1,0 +1,87 @@
+"""Memory per followed file (issue 13 item 7): what a tailer and its offsets keep between reads.
+
+With 1,000 files catching up at once, anything a tailer keeps while it waits for the shared read
+budget is paid 1,000 times. These tests count what is kept, not how long anything takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agent.tailer
+from agent.config import Problem, SourceConfig, source_from_mapping
+from agent.offsets import OffsetStore
+from agent.tailer import READ_CHUNK, Found, TailerSet
+from agent.types import Lines, SourceFile
+
+
+def source(**keys: Any) -> SourceConfig:
+    problems: list[Problem] = []
+    made = source_from_mapping("s.yaml", {"name": "s", "schema": "$m...", **keys}, problems)
+    assert made is not None, problems
+    return made
+
+
+@pytest.fixture
+def traced() -> Iterator[None]:
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        yield
+    finally:
+        if started:
+            tracemalloc.stop()
+
+
+def chunks_held_by_tailers() -> int:
+    """Live blocks of at least half a chunk allocated in agent/tailer.py: chunks read there."""
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(True, agent.tailer.__file__)])
+    return sum(1 for trace in snapshot.traces if trace.size >= READ_CHUNK // 2)
+
+
+async def test_tailers_waiting_for_the_read_budget_hold_no_chunk(tmp_path: Path,
+                                                                 traced: None) -> None:
+    """Each tailer kept its last chunk (256 KiB) while it waited for the shared read budget,
+    through the finished thread call it remembered: 1,000 files caught up in 367 MiB."""
+    files = 4
+    written: dict[str, list[bytes]] = {}
+    for n in range(files):
+        # Two chunks' worth each, so that every tailer comes back for the budget.
+        lines = [f"file {n} line {i:06d} ".encode() + b"x" * 100 for i in range(3000)]
+        (tmp_path / f"app-{n}.log").write_bytes(b"".join(line + b"\n" for line in lines))
+        written[str(tmp_path / f"app-{n}.log")] = lines
+    budget = asyncio.Semaphore(1)
+    got: dict[str, list[bytes]] = {path: [] for path in written}
+    held: list[int] = []
+
+    async def sink(file: SourceFile, path: str, lines: Lines, end_marker: str) -> None:
+        got[path].extend(lines.data)
+        if len(held) < 2 * files:
+            # Called with the budget held: the other tailers have read their last chunk and
+            # wait for the budget again. Only the chunk handed on now is in memory.
+            held.append(chunks_held_by_tailers())
+
+    tailers = TailerSet(asyncio.create_task, [source(paths=[str(tmp_path / "*.log")])],
+                        {"s": sink}, OffsetStore(), {"s": "beginning"}, read_budget=budget)
+    found = []
+    for path in written:
+        st = Path(path).stat()
+        found.append(Found("s", path, st.st_dev, st.st_ino, st.st_size))
+    tailers.reconcile(found, ["s"])
+    try:
+        async with asyncio.timeout(120):
+            while any(len(got[path]) < len(lines) for path, lines in written.items()):
+                await asyncio.sleep(0.01)
+    finally:
+        await tailers.stop()
+    assert got == written
+    assert len(held) == 2 * files
+    assert max(held) <= 1, f"chunks held while handing one on, per call: {held}"
