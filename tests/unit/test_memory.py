@@ -106,3 +106,40 @@ def test_an_acknowledged_file_costs_its_offsets_entry_under_a_kib(traced: None) 
     assert store.outstanding() == 0
     assert [store.get(f).committed for f in files] == [400_000] * len(files)  # type: ignore[union-attr]
     assert per_file < 1024, f"{per_file:.0f} bytes per acknowledged file"
+
+
+async def test_a_followed_idle_file_costs_under_6_kib(tmp_path: Path, traced: None) -> None:
+    """Everything following one file costs (its tailer, task and offsets entry): each tailer
+    kept three asyncio Events (each with its deque of waiters), a bound logger, an instance
+    dict and its last stat result while it waited for its file to grow: 8 KiB per file."""
+    files = 200
+    paths = [tmp_path / f"app-{n}.log" for n in range(files)]
+    for n, path in enumerate(paths):
+        path.write_bytes(f"file {n} starts\nand goes on\n".encode())
+    got: list[bytes] = []
+
+    async def sink(file: SourceFile, path: str, lines: Lines, end_marker: str) -> None:
+        got.extend(lines.data)
+
+    offsets = OffsetStore()
+    tailers = TailerSet(asyncio.create_task, [source(paths=[str(tmp_path / "*.log")])],
+                        {"s": sink}, offsets, {"s": "beginning"})
+    found = []
+    for path in paths:
+        st = path.stat()
+        found.append(Found("s", str(path), st.st_dev, st.st_ino, st.st_size))
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    try:
+        tailers.reconcile(found, ["s"])
+        async with asyncio.timeout(60):
+            while len(got) < 2 * files or any(t._in_flight for t in tailers.live.values()):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # every tailer back in its wait
+        gc.collect()
+        per_file = (tracemalloc.get_traced_memory()[0] - before) / files
+    finally:
+        await tailers.stop()
+    assert sorted(got) == sorted(line for n in range(files)
+                                 for line in (f"file {n} starts".encode(), b"and goes on"))
+    assert per_file < 6 * 1024, f"{per_file:.0f} bytes per followed file"
