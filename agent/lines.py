@@ -16,6 +16,8 @@ from agent.types import Lines, RawLine
 
 
 class LineSplitter:
+    __slots__ = ("_skipping", "_tail", "_tail_offset", "max_line_bytes", "position")
+
     def __init__(self, max_line_bytes: int, offset: int = 0) -> None:
         if max_line_bytes <= 0:
             raise ValueError("max_line_bytes must be positive")
@@ -99,6 +101,9 @@ class LineSplitter:
 class WideLineSplitter:
     """`LineSplitter` for UTF-16 and UTF-32: the newline is a whole code unit, found only at
     file offsets aligned to the unit size (so U+0A00's bytes are never taken for a newline)."""
+
+    __slots__ = ("_buffer", "_buffer_offset", "_kept", "_line_start", "cr", "max_line_bytes",
+                 "newline", "position", "unit")
 
     def __init__(self, encoding: str, max_line_bytes: int, offset: int = 0) -> None:
         self.unit = 4 if encoding.startswith("utf-32") else 2

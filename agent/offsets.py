@@ -23,7 +23,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,9 +49,13 @@ class FileProgress:
     delivered: Checkpoint | None = None
     """The checkpoint when all the file's documents up to there were in CouchDB, not only in
     the spool: where to read again from if the spool is lost."""
-    pending: deque[int] = field(default_factory=deque)
-    acked: set[int] = field(default_factory=set)
-    marks: deque[Checkpoint] = field(default_factory=deque)
+    pending: deque[int] | tuple[()] = ()
+    """Ends of the documents queued, in file order, not yet committed. The three are the shared
+    empty `()` or `frozenset()` while there is nothing: a thousand files each with their own
+    empty deques and set cost megabytes, and a deque keeps up to 16 freed blocks (8 KiB) after
+    a catch-up, so a drained one is dropped."""
+    acked: set[int] | frozenset[int] = frozenset()
+    marks: deque[Checkpoint] | tuple[()] = ()
     """Read positions reported with their markers, not yet all acknowledged."""
     live: bool = False
     read: Checkpoint = FILE_START
@@ -120,27 +124,36 @@ class OffsetStore:
         """Documents ending at `doc_ends` were queued; every line up to `read_to` was read,
         and the bytes before it hash to `read_to_marker`."""
         progress = self.files[file]
-        progress.pending.extend(doc_ends)
-        progress.marks.append(Checkpoint.at(read_to, read_to_marker))
-        last = progress.pending[-1] if progress.pending else progress.committed
-        if read_to > last:
-            progress.pending.append(read_to)
-            progress.acked.add(read_to)
+        pending = progress.pending
+        last = doc_ends[-1] if doc_ends else pending[-1] if pending else progress.committed
+        if doc_ends or read_to > last:
+            if not isinstance(pending, deque):
+                pending = progress.pending = deque()
+            pending.extend(doc_ends)
+            if read_to > last:
+                pending.append(read_to)
+                _acked(progress).add(read_to)
+        mark = Checkpoint.at(read_to, read_to_marker)
+        if isinstance(progress.marks, deque):
+            progress.marks.append(mark)
+        else:
+            progress.marks = deque((mark,))
         self._advance(progress)
 
     def acknowledge(self, acks: Iterable[Ack | Document]) -> None:
         touched: list[FileProgress] = []
         last_file: SourceFile | None = None
-        progress: FileProgress | None = None
+        acked: set[int] | None = None
         for ack in acks:
             # Acks come in runs from one file: look a file up once per run, not per document.
             if ack.file is not last_file:
                 last_file = ack.file
                 progress = self.files.get(ack.file)
+                acked = None if progress is None else _acked(progress)
                 if progress is not None and (not touched or touched[-1] is not progress):
                     touched.append(progress)
-            if progress is not None:
-                progress.acked.add(ack.end)
+            if acked is not None:
+                acked.add(ack.end)
         for each in {id(p): p for p in touched}.values():
             self._advance(each)
 
@@ -183,18 +196,25 @@ class OffsetStore:
 
     def _advance(self, progress: FileProgress) -> None:
         pending, acked = progress.pending, progress.acked
+        if not isinstance(pending, deque) or not isinstance(acked, set):
+            return  # nothing queued, or nothing acknowledged
         committed = None
         while pending and pending[0] in acked:
             committed = pending.popleft()
             acked.discard(committed)
         if committed is not None:
+            if not pending:
+                progress.pending = ()
             if not acked:
                 # A set never shrinks: one that held a whole batch's acks would keep that
                 # table for good, per file (a thousand files: tens of MiB).
-                progress.acked = set()
+                progress.acked = frozenset()
             marks, marked = progress.marks, progress.checkpoint
-            while marks and marks[0].offset <= committed:
-                marked = marks.popleft()
+            if isinstance(marks, deque):
+                while marks and marks[0].offset <= committed:
+                    marked = marks.popleft()
+                if not marks:
+                    progress.marks = ()
             progress.checkpoint = Checkpoint(committed, marked.marker_offset, marked.marker)
             progress.updated = time.time()
             self.dirty = True
@@ -297,6 +317,13 @@ class StateFile:
             if not quiet:
                 log.error("state_file_unreadable", path=str(path), error=str(exc))
             return None
+
+
+def _acked(progress: FileProgress) -> set[int]:
+    """The file's set of acknowledged ends, made when the first ack comes."""
+    if not isinstance(progress.acked, set):
+        progress.acked = set()
+    return progress.acked
 
 
 def _progress(entry: dict[str, Any]) -> FileProgress:

@@ -93,7 +93,49 @@ class Skipped:
     reason: str
 
 
+class Wakeup:
+    """A flag one task waits on: `asyncio.Event` for a single waiter, without the Event's deque
+    of waiters and instance dict (a tailer waits on one for the whole life of its file, and
+    there may be thousands)."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait until set, for at most `timeout` seconds, then clear it; False if the timeout
+        came first."""
+        woken = True
+        if not self._set:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                if timeout is None:
+                    await self._waiter
+                else:
+                    async with asyncio.timeout(timeout):
+                        await self._waiter
+            except TimeoutError:
+                woken = False
+            finally:
+                self._waiter = None
+        self._set = False
+        return woken
+
+
 class Tailer:
+    # Slots: one instance per followed file, and an instance dict costs more than its fields.
+    __slots__ = ("_in_flight", "_let_go", "_recent", "_released", "_unlisted", "_wake",
+                 "at_first_start", "fd", "file", "key", "listed", "multiline", "owner", "path",
+                 "recovered", "seen_size", "source", "splitter", "state")
+
     def __init__(self, source: SourceConfig, path: str, key: tuple[str, int, int],
                  at_first_start: bool, owner: TailerSet, listed: bool = True) -> None:
         self.source = source
@@ -111,20 +153,43 @@ class Tailer:
         """The offsets this tailer reads under; None until its first line is complete."""
         self.splitter = splitter_for(source.encoding, source.max_line_bytes)
         self.multiline = self._assembler()
-        self.unlisted = asyncio.Event()
-        """Set while `listed` is False: a copy waiting for its original gives up then."""
-        if not listed:
-            self.unlisted.set()
-        self.released = asyncio.Event()
-        """Set when this tailer stops owning its file's offsets (truncated, or done)."""
         self.seen_size = -1
         self._recent = b""
         """The last MARKER_BYTES read, ending at `splitter.position`."""
-        self._wake = asyncio.Event()
-        self._wake.set()
+        self._wake = Wakeup()
         self._in_flight: asyncio.Future[Any] | None = None
         """The blocking call running in a thread for this tailer, if any."""
-        self.log = log.bind(source=source.name, path=path)
+        # The two events only a copy waiting for its original needs: made when first asked for.
+        self._unlisted: asyncio.Event | None = None
+        self._released: asyncio.Event | None = None
+        self._let_go = False
+        """Whether this tailer let go of its file's offsets (truncated, or done)."""
+
+    @property
+    def log(self) -> Any:
+        """The logger bound to this file, made per use: files log rarely, and a bound logger
+        kept per file costs more than the tailer's own fields."""
+        if self.file is None:
+            return log.bind(source=self.source.name, path=self.path)
+        return log.bind(source=self.source.name, path=self.path, file_id=str(self.file.file_id))
+
+    @property
+    def unlisted(self) -> asyncio.Event:
+        """Set while `listed` is False: a copy waiting for its original gives up then."""
+        if self._unlisted is None:
+            self._unlisted = asyncio.Event()
+            if not self.listed:
+                self._unlisted.set()
+        return self._unlisted
+
+    @property
+    def released(self) -> asyncio.Event:
+        """Set when this tailer stops owning its file's offsets (truncated, or done)."""
+        if self._released is None:
+            self._released = asyncio.Event()
+            if self._let_go:
+                self._released.set()
+        return self._released
 
     def _assembler(self) -> MultilineAssembler | None:
         ml = self.source.multiline
@@ -136,20 +201,21 @@ class Tailer:
     def unlink(self) -> None:
         """The last scan did not find the file at any path the globs match."""
         self.listed = False
-        self.unlisted.set()
+        if self._unlisted is not None:
+            self._unlisted.set()
         self._wake.set()
 
     def relist(self) -> None:
         """The last scan found the file at a path the globs match."""
         self.listed = True
         self.recovered = False
-        self.unlisted.clear()
+        if self._unlisted is not None:
+            self._unlisted.clear()
         self._wake.set()
 
     def rename(self, path: str) -> None:
         self.log.info("file_renamed", new_path=path)
         self.path = path
-        self.log = self.log.bind(path=path)
 
     async def run(self) -> None:
         try:
@@ -164,9 +230,16 @@ class Tailer:
         work = asyncio.ensure_future(asyncio.to_thread(call, *args))
         # Its error is the caller's to see; once the caller is cancelled, nobody's.
         work.add_done_callback(_retrieve)
+        # Forgotten once done: a finished call holds its result (a whole chunk), and a tailer
+        # waiting for the read budget must hold none (1,000 files: 1,000 chunks, 250 MiB).
+        work.add_done_callback(self._forget)
         self._in_flight = work
         result: T = await asyncio.shield(work)
         return result
+
+    def _forget(self, work: asyncio.Future[Any]) -> None:
+        if self._in_flight is work:
+            self._in_flight = None
 
     async def _open(self) -> bool:
         """Open the file in a thread (a hung NFS mount stalls only this file). False if it
@@ -206,23 +279,14 @@ class Tailer:
         last_growth = time.monotonic()
         changed = False  # a read found the bytes before its position changed: rewritten
         while True:
-            woken = await self._wait()
-            st, marker_ok = await self._blocking(self._observe)
-            self.seen_size = st.st_size
-            if self.file is None:
-                await self._identify(st)
-            position = self.splitter.position if self.file is not None else st.st_size
-            before = self.state
-            self.state, action = reconcile(before, Seen(
-                st.st_size, st.st_nlink, position, marker_ok and not changed, self.listed,
-                self.recovered or self._idle(last_growth)))
+            woken = await self._wake.wait(self._timeout())
+            action, size = await self._look(changed, last_growth)
             changed = False
-            self._log_transition(before, st.st_size)
             if action is Action.RELEASE:
                 await self._finish()
                 return
             if action is Action.RESTART:
-                await self._truncated(st.st_size)
+                await self._truncated(size)
                 self._wake.set()
                 continue
             if self.file is None:
@@ -239,6 +303,22 @@ class Tailer:
                     self._wake.set()
             elif not woken and self.multiline is not None and self.multiline.pending:
                 await self._flush_event()
+
+    async def _look(self, changed: bool, last_growth: float) -> tuple[Action, int]:
+        """Observe the file, claim its offsets once its first line is complete, and decide what
+        the observation means; return the action and the size seen. (Its own call, so that the
+        stat result is not kept in `_follow`'s frame while the tailer waits.)"""
+        st, marker_ok = await self._blocking(self._observe)
+        self.seen_size = st.st_size
+        if self.file is None:
+            await self._identify(st)
+        position = self.splitter.position if self.file is not None else st.st_size
+        before = self.state
+        self.state, action = reconcile(before, Seen(
+            st.st_size, st.st_nlink, position, marker_ok and not changed, self.listed,
+            self.recovered or self._idle(last_growth)))
+        self._log_transition(before, st.st_size)
+        return action, st.st_size
 
     def _observe(self) -> tuple[os.stat_result, bool]:
         """fstat, and whether the bytes before the read position are still the ones read (at
@@ -262,24 +342,14 @@ class Tailer:
             self.log.info("file_deleted", offset=self.splitter.position, size=size,
                           action="reading it to its end, then releasing it")
 
-    async def _wait(self) -> bool:
-        """Wait to be woken; return False when a timeout (rotation, multiline) fired instead."""
+    def _timeout(self) -> float | None:
+        """How long to wait to be woken before looking anyway (rotation, multiline), if at all."""
         timeouts = []
         if draining(self.state):
             timeouts.append(self.source.rotate_wait)
         if self.multiline is not None and self.multiline.pending and self.source.multiline:
             timeouts.append(self.source.multiline.timeout)
-        woken = True
-        if timeouts:
-            try:
-                async with asyncio.timeout(min(timeouts)):
-                    await self._wake.wait()
-            except TimeoutError:
-                woken = False
-        else:
-            await self._wake.wait()
-        self._wake.clear()
-        return woken
+        return min(timeouts) if timeouts else None
 
     def _idle(self, last_growth: float) -> bool:
         return time.monotonic() - last_growth >= self.source.rotate_wait
@@ -299,7 +369,6 @@ class Tailer:
         self.splitter = splitter_for(self.source.encoding, self.source.max_line_bytes, offset)
         self._recent = await self._blocking(os.pread, self.fd, min(offset, MARKER_BYTES),
                                             max(0, offset - MARKER_BYTES))
-        self.log = self.log.bind(file_id=str(self.file.file_id))
         self.log.info("file_opened", offset=offset, size=st.st_size)
 
     async def marker_matches(self, offset: int, expected: str | None) -> bool:
@@ -313,7 +382,7 @@ class Tailer:
                          action="reading it again from the start")
         await self._flush_event()
         self._release()
-        self.released = asyncio.Event()
+        self._released, self._let_go = None, False
         self.file = None
         self.splitter = splitter_for(self.source.encoding, self.source.max_line_bytes)
         self.multiline = self._assembler()
@@ -406,7 +475,9 @@ class Tailer:
         if self.file is not None:
             self.owner.offsets.detach(self.file, self.reference())
             self.owner.let_go(self, self.file)
-        self.released.set()
+        self._let_go = True
+        if self._released is not None:
+            self._released.set()
 
 
 class TailerSet:
