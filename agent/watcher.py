@@ -23,7 +23,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -59,7 +59,7 @@ def scan(sources: Sequence[SourceConfig],
     for source in sources:
         bases: dict[str, str] = {}
         for pattern in source.paths:
-            for p in glob.glob(pattern, recursive=True):
+            for p in expand(pattern):
                 bases.setdefault(p, _fixed_folder(pattern))
         for path in sorted(bases):
             if excluded(path, source.exclude_paths):
@@ -78,6 +78,60 @@ def scan(sources: Sequence[SourceConfig],
             else:
                 skipped.append(Skipped(source.name, path, reason))
     return found, skipped
+
+
+def expand(pattern: str) -> Iterator[str]:
+    """The paths `pattern` matches, as `glob.iglob(pattern, recursive=True)` gives them, except
+    that a `**` enters a folder only if it is not already on the way there: under `**`,
+    `glob` follows symlinked folders, so two links to `..` made it walk 2^40 paths (a scan that
+    never ended, with the memory it held), and a tree 1,000 folders deep made it recurse into
+    a RecursionError. Blocking."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        yield from glob.iglob(pattern)
+        return
+    at = parts.index("**")
+    prefix, rest = os.sep.join(parts[:at]), os.sep.join(parts[at + 1:])
+    bases = glob.iglob(prefix) if prefix else [os.sep if at else ""]
+    for base in bases:
+        for folder, entries in _walk(base):
+            if not rest:
+                yield from entries
+            else:
+                yield from expand(os.path.join(glob.escape(folder), rest))
+
+
+def _walk(base: str) -> Iterator[tuple[str, list[str]]]:
+    """Each folder at or below `base` that `**` stands for (hidden ones excepted, as `glob`
+    does), with the paths of its entries; a folder already on the way there (a symlink loop)
+    is not entered again. Depth-first without recursion, so a tree of any depth is walked."""
+    try:
+        top = os.stat(base or ".")
+    except OSError:
+        return
+    if not stat.S_ISDIR(top.st_mode):
+        return
+    stack: list[tuple[str, frozenset[tuple[int, int]]]] = [
+        (base, frozenset({(top.st_dev, top.st_ino)}))]
+    while stack:
+        folder, above = stack.pop()
+        entries, folders = [], []
+        try:
+            with os.scandir(folder or ".") as listing:
+                for entry in listing:
+                    if entry.name.startswith("."):
+                        continue
+                    path = os.path.join(folder, entry.name)
+                    entries.append(path)
+                    with contextlib.suppress(OSError):
+                        if entry.is_dir():
+                            st = entry.stat()
+                            if (st.st_dev, st.st_ino) not in above:
+                                folders.append((path, above | {(st.st_dev, st.st_ino)}))
+        except OSError:
+            continue
+        yield folder, entries
+        stack.extend(reversed(folders))
 
 
 def _followable(path: str, follow_symlinks: bool) -> tuple[os.stat_result, str | None]:
@@ -253,7 +307,9 @@ class Watcher:
                 if root not in self._watched or (recursive and not self._watched[root]):
                     self._observer.schedule(handler, root, recursive=recursive)
                     self._watched[root] = recursive
-        except OSError as exc:
+        except (OSError, RecursionError) as exc:
+            # RecursionError: watchdog adds a recursive watch folder by folder with a
+            # recursive os.walk, which a tree about 1,000 folders deep exhausts.
             self._stop_observer()
             self.polled.update(s.name for s in watched)
             forced = [s.name for s in watched if s.watch == "inotify"]
@@ -261,6 +317,8 @@ class Watcher:
                 "inotify_unavailable", error=str(exc), sources=[s.name for s in watched],
                 mode="polling", poll_interval=self.poll_interval,
                 action="raise fs.inotify.max_user_watches and max_user_instances (sysctl) and "
+                "restart the agent to use inotify again" if isinstance(exc, OSError) else
+                "the folder tree under a `**` is too deep to watch; narrow the globs and "
                 "restart the agent to use inotify again")
 
     def _stop_observer(self) -> None:
