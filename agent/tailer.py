@@ -439,17 +439,19 @@ class TailerSet:
         """Start tailers for new files, follow renames, wake tailers whose file changed, and let
         go of files the scanned sources' globs no longer match."""
         self._scans += 1
+        found = list(found)
+        paths = {(item.source, item.path) for item in found}
         seen = set()
-        paths = set()
         for item in found:
             key = (item.source, item.dev, item.ino)
+            if key in seen:
+                continue  # a hard link of a file already handled in this scan
             seen.add(key)
-            paths.add((item.source, item.path))
             tailer = self.live.get(key)
             if tailer is None:
                 self._open(item)
                 continue
-            if tailer.path != item.path:
+            if (item.source, tailer.path) not in paths:
                 self._unindex(tailer)
                 tailer.rename(item.path)
                 self.by_path.setdefault(item.path, set()).add(tailer)
