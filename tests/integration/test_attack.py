@@ -19,7 +19,9 @@ import yaml
 
 from tests.agentproc import wait_for
 from tests.couch import CouchDB
+from tests.faultproxy import FaultProxy
 from tests.integration.harness import Pipeline, append, numbered
+from tests.integration.test_delivery import through
 
 pytestmark = pytest.mark.integration
 
@@ -172,4 +174,70 @@ def test_hostile_lines_are_each_one_document(tmp_path: Path, logs: Path, couch: 
     wait_for(lambda: couch.count(database) >= expected + 2, 120, "all lines")
     time.sleep(2)
     assert couch.count(database) == expected + 2
+    flow.stop()
+
+
+
+def test_unreadable_vanishing_replaced_and_regrown_files(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str) -> None:
+    """A file chmod 000 until later, files that vanish between scan and open, a file replaced
+    by a folder, a file truncated and regrown past where it was read."""
+    flow = pipeline(tmp_path, couch, couchdb_url, database,
+                    paths=[str(logs / "*.log")]).start()
+    written = append(logs / "locked.log", numbered("locked", 0, 200))
+    os.chmod(logs / "locked.log", 0)
+    written += append(logs / "gone.log", numbered("gone", 0, 200))
+    written += append(logs / "shrinks.log", numbered("before", 0, 300))
+    flow.wait_for(written - Counter(numbered("locked", 0, 200)) if os.geteuid() else written)
+    for n in range(300):
+        blink = logs / f"blink{n}.log"
+        blink.write_text("")
+        blink.unlink()
+    (logs / "gone.log").unlink()
+    (logs / "gone.log").mkdir()
+    with (logs / "shrinks.log").open("r+b") as f:
+        f.truncate(0)
+    written += append(logs / "shrinks.log", numbered("after", 0, 600))
+    time.sleep(2)
+    os.chmod(logs / "locked.log", 0o644)
+    written += append(logs / "locked.log", numbered("unlocked", 0, 100))
+    flow.wait_for(written)
+    flow.stop()
+
+
+
+def test_a_201_without_couchdb_results_is_a_failed_request_never_a_dead_letter(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str) -> None:
+    """Issue 13 item 6: only a CouchDB-shaped error about a document may dead-letter it. A
+    201 whose body is not a list of results (a page from something in the way) said nothing
+    about any document; each document was charged a retry for it, and after five such
+    answers every document was dead-lettered, never to reach CouchDB."""
+    with FaultProxy(couchdb_url) as proxy:
+        proxy.set("html201")
+        flow = Pipeline(tmp_path, couch, through(proxy, couchdb_url), database,
+                        [{"name": "s", "paths": [str(logs / "app.log")]}],
+                        shipping={"retry_max_backoff": "200ms"})
+        flow.start()
+        written = append(logs / "app.log", numbered("page", 0, 500))
+        # Five answers used to dead-letter every document.
+        wait_for(lambda: proxy.bulk_requests >= 6, 60, "several answers without results")
+        proxy.set("pass")
+        flow.wait_for(written, timeout=90)
+        flow.stop()
+    assert not (flow.config.parent / "state" / "dead-letter.jsonl").exists()
+
+
+def test_ten_thousand_files_appearing_at_once(
+        tmp_path: Path, logs: Path, couch: CouchDB, couchdb_url: str, database: str) -> None:
+    flow = pipeline(tmp_path, couch, couchdb_url, database,
+                    paths=[str(logs / "**" / "*.log")]).start()
+    written: Counter[str] = Counter()
+    staging = tmp_path / "staging"
+    for folder in range(10):
+        (staging / f"f{folder}").mkdir(parents=True)
+        for n in range(1000):
+            written += append(staging / f"f{folder}" / f"{n}.log",
+                              [f"file {folder}/{n} line {i}" for i in range(2)])
+    os.rename(staging, logs / "all")
+    flow.wait_for(written, timeout=300)
     flow.stop()
