@@ -145,8 +145,18 @@ def _duration(value: object) -> float:
         if not match:
             raise ValueError(f"expected a duration such as 5, '200ms', '30s' or '2m', got {value!r}")
         seconds = float(match[1]) * _DURATION_UNITS[match[2]]
-    if seconds < 0:
+    if not seconds >= 0 or seconds == float("inf"):
         raise ValueError(f"expected a duration of zero or more, got {value!r}")
+    return seconds
+
+
+def _positive_duration(value: object) -> float:
+    """A duration that must not be zero: a timeout of 0 is no timeout at all to aiohttp (a
+    stalled server then holds a request forever), and an interval or a backoff of 0 is a
+    busy loop."""
+    seconds = _duration(value)
+    if seconds == 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
     return seconds
 
 
@@ -364,7 +374,7 @@ class CouchDBConfig:
     password: str | None = key(_string, None, "that user's password; better in "
                                "couchdb.password_file or the COUCHLOG_PASSWORD environment "
                                "variable", secret=True)
-    request_timeout: float = key(_duration, 30.0, "seconds before a request is abandoned and "
+    request_timeout: float = key(_positive_duration, 30.0, "seconds before a request is abandoned and "
                                  "retried")
     failback_after: float = key(_duration, 60.0, "while on a fallback URL, seconds between "
                                 "probes of the first URL (GET /_up); the agent fails back once "
@@ -389,7 +399,7 @@ class ShippingConfig:
                               "reading pauses")
     queue_max_bytes: int = key(_size, 32 * 1024**2, "bytes held in memory per database before "
                                "reading pauses", shown="32MiB")
-    retry_max_backoff: float = key(_duration, 30.0, "longest wait between retries")
+    retry_max_backoff: float = key(_positive_duration, 30.0, "longest wait between retries")
     concurrency: int = key(_positive_int, 2, "_bulk_docs requests in flight at once per database, "
                            "so CouchDB stores one batch while the next is made")
 
@@ -507,9 +517,9 @@ class AgentConfig:
     log_format: LogFormat = key(_Choice(LogFormat), "auto", "how the agent's log is written; auto is "
                                 "console on a terminal, json otherwise", name="log.format")
     shutdown_timeout: float = key(_duration, 10.0, "seconds to deliver queued documents on stop")
-    scan_interval: float = key(_duration, 10.0, "seconds between rescans of the path globs (a "
+    scan_interval: float = key(_positive_duration, 10.0, "seconds between rescans of the path globs (a "
                                "safety net for missed inotify events)")
-    poll_interval: float = key(_duration, 1.0, "seconds between checks of files followed by "
+    poll_interval: float = key(_positive_duration, 1.0, "seconds between checks of files followed by "
                                "polling (watch: poll, or when inotify is unavailable)")
     on_corrupt_state: StartAt = key(_Choice(StartAt), "beginning", "where to start in files "
                                     "already there when the state file is unreadable (it is moved "
