@@ -177,6 +177,10 @@ class Tailer:
         except NotFollowable as exc:
             self.owner.skip(Skipped(self.source.name, self.path, exc.reason))
             return False
+        except FileNotFoundError:
+            # Deleted or renamed since the scan (a rotation): routine, and no reason to skip it.
+            self.log.debug("file_gone_before_open", action="the next scan finds it if it is back")
+            return False
         except OSError as exc:
             self.owner.skip(Skipped(self.source.name, self.path, f"unreadable: {exc.strerror}"))
             return False
