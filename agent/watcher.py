@@ -58,9 +58,12 @@ def scan(sources: Sequence[SourceConfig],
     links: dict[str, bool] = {}
     for source in sources:
         bases: dict[str, str] = {}
+        pruned: list[str] = []
         for pattern in source.paths:
-            for p in expand(pattern):
+            for p in expand(pattern, source.follow_symlinks, pruned):
                 bases.setdefault(p, _fixed_folder(pattern))
+        skipped += [Skipped(source.name, link, "symlinked folder under ** (follow_symlinks is "
+                            "false)") for link in sorted(set(pruned)) if link not in bases]
         for path in sorted(bases):
             if excluded(path, source.exclude_paths):
                 continue
@@ -80,12 +83,15 @@ def scan(sources: Sequence[SourceConfig],
     return found, skipped
 
 
-def expand(pattern: str) -> Iterator[str]:
+def expand(pattern: str, follow_symlinks: bool = True,
+           pruned: list[str] | None = None) -> Iterator[str]:
     """The paths `pattern` matches, as `glob.iglob(pattern, recursive=True)` gives them, except
-    that a `**` enters a folder only if it is not already on the way there: under `**`,
-    `glob` follows symlinked folders, so two links to `..` made it walk 2^40 paths (a scan that
-    never ended, with the memory it held), and a tree 1,000 folders deep made it recurse into
-    a RecursionError. Blocking."""
+    that a `**` enters a folder only if it is not already on the way there, and a symlinked
+    folder only with `follow_symlinks` (the links it does not enter are added to `pruned`).
+    Under `**`, `glob` follows symlinked folders: two links to `..` made it walk 2^40 paths
+    (a scan that never ended, with the memory it held), one link to `/` the whole file system
+    at every scan, and a tree 1,000 folders deep made it recurse into a RecursionError.
+    Blocking."""
     parts = pattern.split(os.sep)
     if "**" not in parts:
         yield from glob.iglob(pattern)
@@ -94,17 +100,20 @@ def expand(pattern: str) -> Iterator[str]:
     prefix, rest = os.sep.join(parts[:at]), os.sep.join(parts[at + 1:])
     bases = glob.iglob(prefix) if prefix else [os.sep if at else ""]
     for base in bases:
-        for folder, entries in _walk(base):
+        for folder, entries in _walk(base, follow_symlinks, pruned):
             if not rest:
                 yield from entries
             else:
-                yield from expand(os.path.join(glob.escape(folder), rest))
+                yield from expand(os.path.join(glob.escape(folder), rest), follow_symlinks,
+                                  pruned)
 
 
-def _walk(base: str) -> Iterator[tuple[str, list[str]]]:
+def _walk(base: str, follow_symlinks: bool,
+          pruned: list[str] | None) -> Iterator[tuple[str, list[str]]]:
     """Each folder at or below `base` that `**` stands for (hidden ones excepted, as `glob`
     does), with the paths of its entries; a folder already on the way there (a symlink loop)
-    is not entered again. Depth-first without recursion, so a tree of any depth is walked."""
+    is not entered again, nor a symlinked one without `follow_symlinks` (added to `pruned`).
+    Depth-first without recursion, so a tree of any depth is walked."""
     try:
         top = os.stat(base or ".")
     except OSError:
@@ -125,6 +134,10 @@ def _walk(base: str) -> Iterator[tuple[str, list[str]]]:
                     entries.append(path)
                     with contextlib.suppress(OSError):
                         if entry.is_dir():
+                            if not follow_symlinks and entry.is_symlink():
+                                if pruned is not None:
+                                    pruned.append(path)
+                                continue
                             st = entry.stat()
                             if (st.st_dev, st.st_ino) not in above:
                                 folders.append((path, above | {(st.st_dev, st.st_ino)}))

@@ -54,6 +54,10 @@ def test_scan_skips_files_reached_through_a_symlinked_folder(tmp_path: Path) -> 
     pattern = str(logs / "**" / "*.log")
     found, skipped = scan([source(paths=[pattern])])
     assert [f.path for f in found] == [str(logs / "app" / "app.log")]
+    # `**` does not enter it at all: a link to `/` walked the whole file system at every scan.
+    assert [(s.path, s.reason) for s in skipped] == [
+        (str(logs / "linked"), "symlinked folder under ** (follow_symlinks is false)")]
+    found, skipped = scan([source(paths=[str(logs / "*" / "*.log")])])
     assert [(s.path, s.reason) for s in skipped] == [
         (str(logs / "linked" / "private.log"),
          "in a folder reached through a symlink (follow_symlinks is false)")]
