@@ -51,9 +51,11 @@ class Verdict(enum.Enum):
 
 def verdict(status: int, body: bytes) -> Verdict:
     """What to do with a `_bulk_docs` answer. A 400 or 413 means the content is at fault only
-    when CouchDB says so (a JSON error): a proxy's HTML page is a failed request."""
+    when CouchDB says so (a JSON error): a proxy's HTML page is a failed request. So is a 201
+    without CouchDB's list of results: it says nothing about any document, and charging each
+    document a retry for it would dead-letter them all."""
     if status in (201, 202):
-        return Verdict.RESULTS
+        return Verdict.RESULTS if isinstance(parse(body), list) else Verdict.FAILED
     if status in (400, 413):
         return Verdict.SPLIT if couchdb_error(body) is not None else Verdict.FAILED
     if status in (401, 403):

@@ -24,6 +24,7 @@ from agent import send as send_module
 from agent import setup as setup_module
 from agent.config import DEFAULT_CONFIG_PATH, ConfigError, LogLevel, Problem, SourceConfig
 from agent.counters import SourceCounters
+from agent.globs import expand
 from agent.lines import LineSplitter
 from agent.parser import SourceParser
 from agent.patterns import fallback_warnings
@@ -198,7 +199,7 @@ def _check(args: argparse.Namespace) -> int:
         print(f"agent: config warning: {warning}", file=sys.stderr)
     for source in config.sources:
         files = {p for pattern in source.paths
-                 for p in config_module.expand_glob(pattern, source.follow_symlinks)}
+                 for p in expand(pattern, source.follow_symlinks)}
         parser: str = source.format
         if source.pattern is not None:
             parser += f" ({len(source.pattern.groupindex)} fields)"

@@ -18,7 +18,6 @@ import codecs
 import datetime
 import difflib
 import fnmatch
-import glob
 import ipaddress
 import math
 import os
@@ -153,6 +152,16 @@ def _duration(value: object) -> float:
     # YAML reads .nan and .inf as floats: NaN makes every timeout fire at once (a busy loop).
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"expected a duration of zero or more, got {value!r}")
+    return seconds
+
+
+def _positive_duration(value: object) -> float:
+    """A duration that must not be zero: a timeout of 0 is no timeout at all to aiohttp (a
+    stalled server then holds a request forever), and an interval or a backoff of 0 is a
+    busy loop."""
+    seconds = _duration(value)
+    if seconds == 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
     return seconds
 
 
@@ -401,7 +410,7 @@ class CouchDBConfig:
     password: str | None = key(_string, None, "that user's password; better in "
                                "couchdb.password_file or the COUCHLOG_PASSWORD environment "
                                "variable", secret=True)
-    request_timeout: float = key(_duration, 30.0, "seconds before a request is abandoned and "
+    request_timeout: float = key(_positive_duration, 30.0, "seconds before a request is abandoned and "
                                  "retried")
     failback_after: float = key(_duration, 60.0, "while on a fallback URL, seconds between "
                                 "probes of the first URL (GET /_up); the agent fails back once "
@@ -426,7 +435,7 @@ class ShippingConfig:
                               "reading pauses")
     queue_max_bytes: int = key(_size, 32 * 1024**2, "bytes held in memory per database before "
                                "reading pauses", shown="32MiB")
-    retry_max_backoff: float = key(_duration, 30.0, "longest wait between retries")
+    retry_max_backoff: float = key(_positive_duration, 30.0, "longest wait between retries")
     concurrency: int = key(_positive_int, 2, "_bulk_docs requests in flight at once per database, "
                            "so CouchDB stores one batch while the next is made")
 
@@ -562,9 +571,9 @@ class AgentConfig:
     log_format: LogFormat = key(_Choice(LogFormat), "auto", "how the agent's log is written; auto is "
                                 "console on a terminal, json otherwise", name="log.format")
     shutdown_timeout: float = key(_duration, 10.0, "seconds to deliver queued documents on stop")
-    scan_interval: float = key(_duration, 10.0, "seconds between rescans of the path globs (a "
+    scan_interval: float = key(_positive_duration, 10.0, "seconds between rescans of the path globs (a "
                                "safety net for missed inotify events)")
-    poll_interval: float = key(_duration, 1.0, "seconds between checks of files followed by "
+    poll_interval: float = key(_positive_duration, 1.0, "seconds between checks of files followed by "
                                "polling (watch: poll, or when inotify is unavailable)")
     on_corrupt_state: StartAt = key(_Choice(StartAt), "beginning", "where to start in files "
                                     "already there when the state file is unreadable (it is moved "
@@ -1046,41 +1055,6 @@ def compile_regex(text: str, named_groups: bool = True) -> Pattern:
 
 
 # -- checks that look outside the configuration
-
-
-def expand_glob(pattern: str, follow_links: bool = False) -> list[str]:
-    """The paths `pattern` matches now, as `glob.glob(pattern, recursive=True)` gives them,
-    except that `**` descends into a symlinked folder only with `follow_links`, and then into
-    each real folder once.
-
-    glob follows such links every time: two links in a watched folder (`ln -s . a; ln -s .. b`),
-    which anyone who may write there can make, turn a `**` into 2**40 paths, and the scan (and
-    `agent check`) never ends. By default folders reached by a link are not entered, as
-    symlinks are not followed by default (follow_symlinks)."""
-    parts = Path(pattern).parts
-    if "**" not in parts:
-        return glob.glob(pattern)
-    cut = parts.index("**")
-    head, rest = parts[:cut], parts[cut + 1:]
-    found = []
-    seen: set[str] = set()
-    for base in glob.glob(str(Path(*head))) if head else ["."]:
-        if not os.path.isdir(base):
-            continue
-        for walked, folders, files in os.walk(base, followlinks=follow_links):
-            real = os.path.realpath(walked)
-            if real in seen:  # a link back into the tree: walked already
-                folders[:] = []
-                continue
-            seen.add(real)
-            folders[:] = sorted(f for f in folders if not f.startswith("."))  # as glob: no hidden
-            folder = walked if head else os.path.relpath(walked)  # glob's "a/b", not "./a/b"
-            inside = [] if folder == "." else [folder]
-            if not rest:  # a trailing ** matches every folder and file below
-                found += inside + [os.path.join(*inside, f) for f in files if not f.startswith(".")]
-            else:
-                found += expand_glob(os.path.join(*map(glob.escape, inside), *rest), follow_links)
-    return found
 
 
 def globs_reaching(config: AgentConfig) -> list[Problem]:

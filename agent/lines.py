@@ -131,7 +131,8 @@ class WideLineSplitter:
             start = search = end
         rest = buffer[start:]
         offset = self._buffer_offset + start
-        if self._kept is None and len(rest) > self.max_line_bytes + len(self.cr):
+        # Only whole code units count: a chunk may end inside the newline that ends the line.
+        if self._kept is None and len(rest) - len(rest) % self.unit > self.max_line_bytes + len(self.cr):
             self._kept = rest[: self.max_line_bytes]
         if self._kept is not None:
             # Skip what cannot be part of a newline yet; stay aligned to the code unit.

@@ -292,7 +292,7 @@ class Shipper:
                 self._failed(target, "refused", error, loud=True,
                              action="check couchdb.username/password and the database's _security "
                              "members; data is kept (spooled) and retried")
-            elif response.status in (400, 413):
+            elif response.status in (201, 202, 400, 413):
                 self._failed(target, "unexpected_answer", error, loud=True,
                              action="not a CouchDB answer (a proxy in the way?); data is kept "
                              "(spooled) and retried with backoff")

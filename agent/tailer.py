@@ -250,6 +250,10 @@ class Tailer:
         except NotFollowable as exc:
             self.owner.skip(Skipped(self.source.name, self.path, exc.reason))
             return False
+        except FileNotFoundError:
+            # Deleted or renamed since the scan (a rotation): routine, and no reason to skip it.
+            self.log.debug("file_gone_before_open", action="the next scan finds it if it is back")
+            return False
         except OSError as exc:
             self.owner.skip(Skipped(self.source.name, self.path, f"unreadable: {exc.strerror}"))
             return False
@@ -510,17 +514,19 @@ class TailerSet:
         """Start tailers for new files, follow renames, wake tailers whose file changed, and let
         go of files the scanned sources' globs no longer match."""
         self._scans += 1
+        found = list(found)
+        paths = {(item.source, item.path) for item in found}
         seen = set()
-        paths = set()
         for item in found:
             key = (item.source, item.dev, item.ino)
+            if key in seen:
+                continue  # a hard link of a file already handled in this scan
             seen.add(key)
-            paths.add((item.source, item.path))
             tailer = self.live.get(key)
             if tailer is None:
                 self._open(item)
                 continue
-            if tailer.path != item.path:
+            if (item.source, tailer.path) not in paths:
                 self._unindex(tailer)
                 tailer.rename(item.path)
                 self.by_path.setdefault(item.path, set()).add(tailer)

@@ -37,7 +37,8 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from agent.config import SourceConfig, expand_glob
+from agent.config import SourceConfig
+from agent.globs import expand
 from agent.identity import file_kind
 from agent.tailer import Found, Skipped, TailerSet
 
@@ -57,9 +58,12 @@ def scan(sources: Sequence[SourceConfig],
     links: dict[str, bool] = {}
     for source in sources:
         bases: dict[str, str] = {}
+        pruned: list[str] = []
         for pattern in source.paths:
-            for p in expand_glob(pattern, source.follow_symlinks):
+            for p in expand(pattern, source.follow_symlinks, pruned):
                 bases.setdefault(p, _fixed_folder(pattern))
+        skipped += [Skipped(source.name, link, "symlinked folder under ** (follow_symlinks is "
+                            "false)") for link in sorted(set(pruned)) if link not in bases]
         for path in sorted(bases):
             if excluded(path, source.exclude_paths):
                 continue
@@ -252,7 +256,9 @@ class Watcher:
                 if root not in self._watched or (recursive and not self._watched[root]):
                     self._observer.schedule(handler, root, recursive=recursive)
                     self._watched[root] = recursive
-        except OSError as exc:
+        except (OSError, RecursionError) as exc:
+            # RecursionError: watchdog adds a recursive watch folder by folder with a
+            # recursive os.walk, which a tree about 1,000 folders deep exhausts.
             self._stop_observer()
             self.polled.update(s.name for s in watched)
             forced = [s.name for s in watched if s.watch == "inotify"]
@@ -260,6 +266,8 @@ class Watcher:
                 "inotify_unavailable", error=str(exc), sources=[s.name for s in watched],
                 mode="polling", poll_interval=self.poll_interval,
                 action="raise fs.inotify.max_user_watches and max_user_instances (sysctl) and "
+                "restart the agent to use inotify again" if isinstance(exc, OSError) else
+                "the folder tree under a `**` is too deep to watch; narrow the globs and "
                 "restart the agent to use inotify again")
 
     def _stop_observer(self) -> None:

@@ -4,6 +4,7 @@ Modes: "pass" (forward), "reset" (drop the connection), "stall" (never answer),
 "500" (answer an error), "401" (refuse the credentials), "slow" (forward after a delay), "413" (refuse bodies
 over `max_body` bytes, forward the rest), "flap" (pick one of those per request). Modes that
 only touch `_bulk_docs` (other requests pass): "html400" (a 400 with a proxy's HTML page),
+"html201" (a 201 whose body is a page, not CouchDB's results; nothing is stored),
 "404" (no such database, though creating it answers that it exists), "doc_error" (forward,
 but answer each document whose JSON contains `poison` with a per-document error).
 It runs on its own event loop in a thread, so a test can flip modes while the
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 from aiohttp import ClientSession, ClientTimeout, web
 
 Mode = Literal["pass", "reset", "stall", "500", "slow", "413", "401", "flap", "html400", "404",
-               "doc_error"]
+               "doc_error", "html201"]
 FLAP = ("pass", "pass", "pass", "reset", "500", "stall", "slow", "413")
 HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 
@@ -108,12 +109,12 @@ class FaultProxy:
         mode = self.mode if self.mode != "flap" else self._random.choice(FLAP)
         bulk = request.method == "POST" and request.path.endswith("/_bulk_docs")
         self.bulk_requests += bulk
-        if mode in ("html400", "404", "doc_error") and not bulk:
+        if mode in ("html400", "404", "doc_error", "html201") and not bulk:
             mode = "pass"
-        if mode == "html400":
+        if mode in ("html400", "html201"):
             self.faults += 1
-            return web.Response(status=400, content_type="text/html",
-                                text="<html><body><h1>400 Bad Request</h1><hr>nginx</body></html>")
+            return web.Response(status=int(mode[4:]), content_type="text/html",
+                                text="<html><body><h1>Bad Request</h1><hr>nginx</body></html>")
         if mode == "404":
             self.faults += 1
             return web.json_response({"error": "not_found", "reason": "Database does not exist."},

@@ -70,6 +70,7 @@ def test_only_a_couchdb_error_body_splits_a_refused_batch() -> None:
         assert verdict(status, b"") is Verdict.FAILED
         assert verdict(status, b'["error"]') is Verdict.FAILED
     assert verdict(201, b"[]") is Verdict.RESULTS and verdict(202, b"[]") is Verdict.RESULTS
+    assert verdict(201, html) is Verdict.FAILED and verdict(201, b"{\"ok\":true}") is Verdict.FAILED
     assert verdict(401, b"") is Verdict.REFUSED and verdict(403, b"") is Verdict.REFUSED
     assert verdict(404, couch) is Verdict.MISSING
     assert verdict(500, couch) is Verdict.FAILED and verdict(502, html) is Verdict.FAILED
