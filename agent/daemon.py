@@ -531,8 +531,9 @@ class Agent:
         log.info("reload_started", config=str(path))
         try:
             plan = await asyncio.to_thread(reload_module.load, self.config, path)
-        except ConfigError as exc:
-            problems = [str(p) for p in exc.problems]
+        except (ConfigError, Exception) as exc:
+            problems = ([str(p) for p in exc.problems] if isinstance(exc, ConfigError) else
+                        [f"{path}: cannot be loaded: {describe(exc)}"])
             log.error("reload_failed", config=str(path), problems=problems,
                       action="fix these (`agent check -c CONFIG` shows them) and reload again; "
                       "the agent goes on with the configuration it runs")

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -26,6 +27,7 @@ import yaml
 
 from tests.agentproc import AgentProcess, wait_for, write_config
 from tests.couch import CouchDB
+from tests.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.integration
 
@@ -267,3 +269,46 @@ def test_reload_with_no_agent_running_exits_3(tmp_path: Path, couchdb_url: str) 
     done = reload(config)
     assert done.returncode == 3
     assert "no running agent to reload" in done.stderr and "agent run" in done.stderr
+
+
+def test_a_source_moved_while_couchdb_is_down_delivers_its_spool_to_the_old_database(
+        tmp_path: Path, couch: CouchDB, couchdb_url: str, database: str,
+        other_database: str) -> None:
+    """What was queued and spooled for the old database while CouchDB was down goes there once
+    it is back; only then does the old shipper stop."""
+    log_path = tmp_path / "app.log"
+    with FaultProxy(couchdb_url) as proxy:
+        proxy.set("500")
+        admin = urlsplit(couchdb_url)
+        url = f"http://{admin.username}:{admin.password}@127.0.0.1:{proxy.port}" \
+            if admin.username else proxy.url
+        config = write_config(tmp_path / "etc", url, [source("app", log_path, database)])
+        append(log_path, 0, 300)
+        with AgentProcess(config) as agent:
+            agent.wait_started()
+            wait_for(lambda: spooled(config, database) > 0, 60, "documents spooled for the old one")
+            write_source(config, source("app", log_path, other_database))
+            done = reload(config)
+            assert done.returncode == 0, (done.stderr, agent.log())
+            append(log_path, 300, 200)
+            time.sleep(1.0)
+            assert '"database_retired"' not in agent.log(), "retired with documents undelivered"
+            proxy.set("pass")
+            wait_for(lambda: couch.count(database) + couch.count(other_database) >= 500, 60,
+                     "every document")
+            wait_for(lambda: '"database_retired"' in agent.log(), 30, "the old shipper to stop")
+            assert agent.stop() == 0, agent.log()
+    assert stored(couch, database, other_database) == Counter(
+        ("app", o, i, "v1") for o, i in lines_of(log_path))
+    old = sorted(o for _, o, _, _ in stored(couch, database))
+    assert len(old) >= 300 and max(old) < min(o for _, o, _, _ in stored(couch, other_database))
+
+
+def spooled(config: Path, database: str) -> int:
+    """Documents the status snapshot says are spooled or queued for `database`."""
+    try:
+        snap = orjson.loads((config.parent / "state" / "status.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return 0
+    db = snap.get("databases", {}).get(database, {})
+    return int(db.get("spool_records", 0)) + int(db.get("queued", 0))
