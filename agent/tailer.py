@@ -32,8 +32,8 @@ the agent was stopped, with lines still unread, are found in their last
 folder and read to their end (`TailerSet.recover`).
 
 A reload (`TailerSet.stop_sources`, `add_sources`) stops the tailers of
-removed and changed sources at a point where every line they read is handed
-on (a pending multi-line event is handed on first), and a changed source's
+removed and changed sources between chunks, where every line they read is
+handed on but a multi-line event still being assembled, and a changed source's
 new tailer takes over each file where the old one stopped, keeping the
 documents still waiting for an ack (`claim`): nothing handed on is read
 again, and everything after is read with the new configuration.
@@ -230,7 +230,8 @@ class Tailer:
         while True:
             woken = await self._wait()
             if self.stopping:
-                await self._flush_event()
+                # A multi-line event still being assembled is not handed on: it starts where
+                # the last one handed on ends, so the successor reads it whole.
                 self.handed_over = True
                 return
             st, marker_ok = await self._blocking(self._observe)

@@ -33,6 +33,8 @@ pytestmark = pytest.mark.integration
 
 V1 = r"^(?P<n>\d+) (?P<word>\w+)$"
 V2 = r"^(?P<num>\d+) (?P<text>\w+)$"
+EVENT = r"\n  at a\d+\n  at b\d+$"
+"""What follows the first line in a whole three-line event."""
 
 
 def source(name: str, path: Path, database: str, regex: str = V1, version: str = "v1",
@@ -312,3 +314,57 @@ def spooled(config: Path, database: str) -> int:
         return 0
     db = snap.get("databases", {}).get(database, {})
     return int(db.get("spool_records", 0)) + int(db.get("queued", 0))
+
+
+def append_events(path: Path, start: int, count: int, pause: float = 0.0) -> None:
+    """Three-line events (a line and two `  at` lines), written a line at a time."""
+    with path.open("ab", buffering=0) as log:
+        for index in range(start, start + count):
+            for line in (f"{index} w{index}\n", f"  at a{index}\n", f"  at b{index}\n"):
+                log.write(line.encode())
+                if pause:
+                    time.sleep(pause)
+
+
+def events_of(path: Path) -> list[tuple[int, int]]:
+    """(offset, index) of each event: the lines starting with a number (a cut event would be
+    a document at an `  at` line, which does not parse: `stored` refuses it)."""
+    found, offset = [], 0
+    for raw in path.read_bytes().splitlines(keepends=True):
+        if raw[:1].isdigit():
+            found.append((offset, int(raw.split()[0])))
+        offset += len(raw)
+    return found
+
+
+def test_reload_changes_a_multiline_source_without_cutting_an_event(
+        tmp_path: Path, couch: CouchDB, couchdb_url: str, database: str) -> None:
+    """An event still being assembled when the reload stops its tailer is read again whole by
+    the new one: every event is one document, none cut in two, none doubled."""
+    log_path = tmp_path / "app.log"
+    multiline = {"start": r"^\d+ ", "timeout": "2s"}
+    append_events(log_path, 0, 100)
+    config = write_config(tmp_path / "etc", couchdb_url,
+                          [source("app", log_path, database, regex=V1[:-1] + EVENT,
+                                  multiline=multiline)])
+    with AgentProcess(config) as agent:
+        agent.wait_started()
+        wait_for(lambda: couch.count(database) >= 99, 60, "the first events")
+        writer = threading.Thread(target=append_events, args=(log_path, 100, 500, 0.001))
+        writer.start()
+        try:
+            time.sleep(0.3)
+            write_source(config, source("app", log_path, database, regex=V2[:-1] + EVENT,
+                                        version="v2", multiline=multiline))
+            done = reload(config)
+        finally:
+            writer.join()
+        assert done.returncode == 0, (done.stderr, agent.log())
+        wait_for(lambda: couch.count(database) >= 600, 60, "every event (the last on timeout)")
+        assert agent.stop() == 0, agent.log()
+    docs = stored(couch, database)
+    assert max(docs.values()) == 1, "an event doubled"
+    assert {(o, i) for _, o, i, _ in docs} == set(events_of(log_path)), "an event lost or cut"
+    versions = [version for _, version in sorted((o, v) for _, o, _, v in docs)]
+    switch = versions.index("v2")
+    assert versions == ["v1"] * switch + ["v2"] * (len(versions) - switch)
