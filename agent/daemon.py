@@ -15,8 +15,10 @@ the tick goes on meanwhile (`reload`, `agent.reload` says what applies):
 tailers of removed and changed sources stop once what they read is handed
 on, changed ones start again where those stopped, a new database gets its
 queue, spool and shipper, and one no source ships to any more is kept until
-its queue and spool are empty. A configuration with problems is refused and
-the running one goes on; the status snapshot says so.
+its queue and spool are empty (after a restart too: a spool folder no source
+names that still holds documents is delivered, then retired). A
+configuration with problems is refused and the running one goes on; the
+status snapshot says so.
 
 Each tailer, each shipper and the watcher is supervised on its own: one that
 raises is logged, shown in the status snapshot and retried after a backoff
@@ -42,6 +44,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import unquote
 
 import aiohttp
 import structlog
@@ -57,7 +60,7 @@ from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
 from agent.ratelimit import RepeatedFailure
 from agent.shipper import Shipper
-from agent.spool import Spool, migrate_folders, spool_folder
+from agent.spool import SUFFIX, Spool, migrate_folders, spool_folder
 from agent.status import StatusFile
 from agent.supervisor import Failures, Part, describe
 from agent.tailer import Tailer, TailerSet
@@ -205,6 +208,7 @@ class Agent:
             self.shippers[database] = shipper
             self._spawn(f"shipper:{database}", self._keep_running(
                 ("shipper", database), shipper.run, shipper.spool_remaining))
+        await self._open_leftover_spools()
         self._tailers = TailerSet(self._tailer_task, cfg.sources,
                                   {s.name: self._sink(s) for s in cfg.sources}, self.offsets,
                                   start_at, read_budget=self.read_budget)
@@ -607,14 +611,34 @@ class Agent:
         watcher.sources = list(plan.config.sources)
         watcher.polled = {s.name for s in plan.config.sources if s.watch == "poll" or fell_back}
 
-    async def _open_database(self, database: str) -> None:
+    async def _open_leftover_spools(self) -> None:
+        """Spools of databases no source ships to any more that still hold documents (a reload
+        moved or removed their sources, and the agent stopped before they were delivered):
+        delivered there as after that reload, then retired."""
+        cfg = self.config
+        found = await asyncio.to_thread(_spooled_databases, cfg.state_dir / "spool")
+        for database in sorted(found - set(self.shippers)):
+            spool = Spool(spool_folder(cfg.state_dir / "spool", database), cfg.spool.max_bytes,
+                          cfg.spool.segment_bytes, cfg.spool.when_full)
+            await asyncio.to_thread(spool.open)
+            if not spool.pending:
+                await asyncio.to_thread(spool.close)
+                continue
+            log.info("leftover_spool", database=database, records=spool.pending,
+                     action="delivering them to that database, then stopping its shipper")
+            await self._open_database(database, spool)
+            self.databases[database] = []
+            self._retiring.add(database)
+
+    async def _open_database(self, database: str, spool: Spool | None = None) -> None:
         """A new database: its spool (what an earlier run left there is sent first), queue and
         shipper, as at start."""
         cfg = self.config
         assert self._session is not None
-        spool = Spool(spool_folder(cfg.state_dir / "spool", database), cfg.spool.max_bytes,
-                      cfg.spool.segment_bytes, cfg.spool.when_full)
-        await asyncio.to_thread(spool.open)
+        if spool is None:
+            spool = Spool(spool_folder(cfg.state_dir / "spool", database), cfg.spool.max_bytes,
+                          cfg.spool.segment_bytes, cfg.spool.when_full)
+            await asyncio.to_thread(spool.open)
         queue = DocumentQueue(cfg.shipping.queue_max_docs, cfg.shipping.queue_max_bytes)
         shipper = Shipper(database, queue, spool, self._session, endpoints(cfg.couchdb),
                           cfg.couchdb, cfg.shipping, self.offsets.acknowledge,
@@ -695,6 +719,15 @@ def _where(part: Part) -> dict[str, str]:
     """A failing part as log and status fields."""
     names = {"file": ("source", "path"), "shipper": ("database",)}.get(part[0], ())
     return dict(zip(names, part[1:], strict=True))
+
+
+def _spooled_databases(root: Path) -> set[str]:
+    """The databases whose spool folder under `root` holds segment files. Blocking."""
+    try:
+        folders = [p for p in root.iterdir() if p.is_dir()]
+    except FileNotFoundError:
+        return set()
+    return {unquote(p.name) for p in folders if any(p.glob(f"*{SUFFIX}"))}
 
 
 def _check_writable(state_dir: Path) -> None:

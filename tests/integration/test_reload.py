@@ -368,3 +368,40 @@ def test_reload_changes_a_multiline_source_without_cutting_an_event(
     versions = [version for _, version in sorted((o, v) for _, o, _, v in docs)]
     switch = versions.index("v2")
     assert versions == ["v1"] * switch + ["v2"] * (len(versions) - switch)
+
+
+def test_a_restart_before_the_old_database_got_its_spool_still_delivers_it(
+        tmp_path: Path, couch: CouchDB, couchdb_url: str, database: str,
+        other_database: str) -> None:
+    """The agent stops while a database that no source ships to any more still has documents
+    spooled (CouchDB down): at the next start they are delivered there, then it retires."""
+    log_path = tmp_path / "app.log"
+    with FaultProxy(couchdb_url) as proxy:
+        proxy.set("500")
+        admin = urlsplit(couchdb_url)
+        url = f"http://{admin.username}:{admin.password}@127.0.0.1:{proxy.port}" \
+            if admin.username else proxy.url
+        config = write_config(tmp_path / "etc", url, [source("app", log_path, database)],
+                              shutdown_timeout="1s")
+        append(log_path, 0, 300)
+        agent = AgentProcess(config)
+        with agent:
+            agent.wait_started()
+            wait_for(lambda: spooled(config, database) >= 300, 60, "documents for the old one")
+            write_source(config, source("app", log_path, other_database))
+            assert reload(config).returncode == 0, agent.log()
+            append(log_path, 300, 200)
+            wait_for(lambda: spooled(config, other_database) >= 200, 60, "the new one's")
+            assert agent.stop() == 0, agent.log()
+        assert couch.count(database) == 0
+        proxy.set("pass")
+        with agent:
+            agent.wait_started()
+            wait_for(lambda: couch.count(database) + couch.count(other_database) >= 500, 60,
+                     "every document")
+            wait_for(lambda: '"database_retired"' in agent.log(), 30, "the old shipper to stop")
+            assert agent.stop() == 0, agent.log()
+    assert '"leftover_spool"' in agent.log()
+    expected = Counter(("app", o, i, "v1") for o, i in lines_of(log_path))
+    assert stored(couch, database, other_database) == expected
+    assert len(stored(couch, database)) == 300
