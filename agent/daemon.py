@@ -267,7 +267,7 @@ class Agent:
             if spool.pending or spool.damaged:
                 self._settled.discard(database)
             elif self.offsets.dirty or database not in self._settled:
-                self.offsets.settle(sources)
+                self.offsets.settle(self._settleable(sources))
                 self._settled.add(database)
         now = time.monotonic()
         if now >= self._next_prune:
@@ -572,7 +572,6 @@ class Agent:
         start_at.update({n: plan.source(n).start_at for n in plan.added})
         stopped = await self._tailers.stop_sources(plan.restarted)
         self.config = plan.config
-        names = {s.name for s in plan.config.sources}
         databases: dict[str, list[str]] = {}
         for source in sorted(plan.config.sources, key=lambda s: s.database):
             databases.setdefault(source.database, []).append(source.name)
@@ -582,9 +581,9 @@ class Agent:
                 await self._open_database(database)
         for database, sources in self.databases.items():
             if database not in databases:
-                # What is queued or spooled for it still goes there; its sources' offsets settle
-                # with it only (a source that moved settles with its new database).
-                databases[database] = [n for n in sources if n not in names]
+                # What is queued or spooled for it still goes there; a source that moved
+                # settles only once both its databases' spools are empty (`_settleable`).
+                databases[database] = sources
                 self._retiring.add(database)
         self.databases = databases
         started = plan.added + plan.changed
@@ -648,6 +647,16 @@ class Agent:
         self._spawn(f"shipper:{database}", self._keep_running(
             ("shipper", database), shipper.run, shipper.spool_remaining))
         log.info("database_added", database=database)
+
+    def _settleable(self, sources: list[str]) -> list[str]:
+        """Of these sources, those no other database still holds spooled documents of (a
+        source a reload moved ships to two until the old one retires)."""
+        if not self._retiring:
+            return sources
+        busy = {name for database, names in self.databases.items()
+                if (spool := self.shippers[database].spool).pending or spool.damaged
+                for name in names}
+        return [name for name in sources if name not in busy]
 
     async def _retire_drained(self) -> None:
         """Stop the shippers of databases no source ships to once they delivered all (at
