@@ -731,12 +731,15 @@ def _where(part: Part) -> dict[str, str]:
 
 
 def _spooled_databases(root: Path) -> set[str]:
-    """The databases whose spool folder under `root` holds segment files. Blocking."""
+    """The databases whose spool folder under `root` holds segment files. Blocking.
+
+    A spool root that cannot be listed gives none: that is the spools' problem, reported
+    (and survived) when each configured one is used."""
     try:
-        folders = [p for p in root.iterdir() if p.is_dir()]
-    except FileNotFoundError:
+        return {unquote(p.name) for p in root.iterdir()
+                if p.is_dir() and any(p.glob(f"*{SUFFIX}"))}
+    except OSError:
         return set()
-    return {unquote(p.name) for p in folders if any(p.glob(f"*{SUFFIX}"))}
 
 
 def _check_writable(state_dir: Path) -> None:
