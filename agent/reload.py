@@ -3,10 +3,13 @@
 A reload (SIGHUP, or `agent reload`) applies the sources (`conf.d`), which
 may be added, removed or changed in any key, and the keys only other
 commands or the shutdown read (`status.*`, `reader.*`, `shutdown_timeout`).
-Every other main-file setting (`state_dir`, `couchdb`, `shipping`, `spool`,
-`host`, `log.*`, `scan_interval`, `poll_interval`, `on_corrupt_state`) is
-built into running parts or into the documents' identity, so a change to one
-is applied at the next restart only; the reload says which (`restart_only`).
+Every other main-file setting (`couchdb`, `shipping`, `spool`, `host`,
+`log.*`, `scan_interval`, `poll_interval`, `on_corrupt_state`) is built into
+running parts or into the documents, so a change to one is applied at the
+next restart only; the reload says which (`restart_only`). A new `state_dir`
+refuses the reload: `agent status` and `agent reload` find the running agent
+through it, and its offsets and spools are there, so it moves only with a
+restart (and the folder).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import config as config_module
-from agent.config import AgentConfig, ConfigError, SourceConfig
+from agent.config import AgentConfig, ConfigError, Problem, SourceConfig
 
 APPLIED_AT_RELOAD = frozenset({"sources", "sources_dir", "status", "reader", "shutdown_timeout",
                                "warnings", "path"})
@@ -65,7 +68,13 @@ def plan(current: AgentConfig, loaded: AgentConfig) -> ReloadPlan:
 def load(current: AgentConfig, path: Path) -> ReloadPlan:
     """Load `path` and check it as `agent check` does, against the running state_dir; raise
     ConfigError with the same problems. Blocking."""
-    reloaded = plan(current, config_module.load(path))
+    loaded = config_module.load(path)
+    if loaded.state_dir != current.state_dir:
+        raise ConfigError([Problem(path, "state_dir", f"cannot change while the agent runs (it "
+                                   f"runs with {current.state_dir}): its offsets, spools and "
+                                   "status are there. Put it back and reload, or stop the agent, "
+                                   "move the folder and start it again")])
+    reloaded = plan(current, loaded)
     unsafe = config_module.globs_reaching(reloaded.config)
     if unsafe:
         raise ConfigError(unsafe)

@@ -243,7 +243,7 @@ def test_broken_config_is_refused_and_the_agent_goes_on(tmp_path: Path, couch: C
     assert stored(couch, database) == Counter(("app", o, i, "v1") for o, i in lines_of(log_path))
 
 
-def test_sighup_reloads_and_state_dir_waits_for_a_restart(tmp_path: Path, couch: CouchDB,
+def test_sighup_reloads_and_shipping_settings_wait_for_a_restart(tmp_path: Path, couch: CouchDB,
                                                           couchdb_url: str,
                                                           database: str) -> None:
     first, second = tmp_path / "a.log", tmp_path / "b.log"
@@ -253,15 +253,17 @@ def test_sighup_reloads_and_state_dir_waits_for_a_restart(tmp_path: Path, couch:
     with AgentProcess(config) as agent:
         agent.wait_started()
         settings = yaml.safe_load(config.read_text())
-        settings["state_dir"] = str(tmp_path / "elsewhere")
+        settings["shipping"]["batch_max_docs"] = 7
         config.write_text(yaml.safe_dump(settings))
         write_source(config, source("b", second, database))
         assert agent.process is not None
         os.kill(agent.process.pid, signal.SIGHUP)
         wait_for(lambda: couch.count(database) >= 50, 60, "both sources' documents")
         wait_for(lambda: '"reload_restart_needed"' in agent.log(), 30, "the restart notice")
+        told = status(config)
+        assert told.returncode == 1 and "shipping: applied at the next restart" in told.stdout, \
+            told.stdout
         assert agent.stop() == 0, agent.log()
-    assert not (tmp_path / "elsewhere").exists()
     assert stored(couch, database) == Counter([("a", o, i, "v1") for o, i in lines_of(first)]
                                               + [("b", o, i, "v1") for o, i in lines_of(second)])
 

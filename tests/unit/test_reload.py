@@ -52,13 +52,11 @@ def test_any_key_of_a_source_is_a_change(tmp_path: Path, change: dict[str, Any])
 def test_settings_built_into_running_parts_wait_for_a_restart(tmp_path: Path) -> None:
     path = config_with(tmp_path, [source("app")])
     current = load(path)
-    config_with(tmp_path, [source("app")], state_dir=str(tmp_path / "other"),
-                shipping={"batch_max_docs": 7}, log={"level": "debug"},
-                status={"lag_warning": "1MiB"}, shutdown_timeout="3s")
+    config_with(tmp_path, [source("app")], shipping={"batch_max_docs": 7},
+                log={"level": "debug"}, status={"lag_warning": "1MiB"}, shutdown_timeout="3s")
     plan = reload_module.load(current, path)
-    assert set(plan.restart_only) == {"state_dir", "shipping", "log.level"}
+    assert set(plan.restart_only) == {"shipping", "log.level"}
     # The running values stay; what only `agent status` or the shutdown reads is applied.
-    assert plan.config.state_dir == current.state_dir
     assert plan.config.shipping == current.shipping
     assert plan.config.status.lag_warning == 1024**2
     assert plan.config.shutdown_timeout == 3.0
@@ -71,6 +69,16 @@ def test_a_broken_config_is_refused_with_the_check_problems(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as refused:
         reload_module.load(current, path)
     assert any(p.key == "no_such_key" for p in refused.value.problems)
+
+
+def test_a_new_state_dir_is_refused(tmp_path: Path) -> None:
+    path = config_with(tmp_path, [source("app")])
+    current = load(path)
+    config_with(tmp_path, [source("app")], state_dir=str(tmp_path / "other"))
+    with pytest.raises(ConfigError) as refused:
+        reload_module.load(current, path)
+    [problem] = refused.value.problems
+    assert problem.key == "state_dir" and "cannot change while the agent runs" in problem.message
 
 
 def test_a_glob_reaching_the_running_state_dir_is_refused(tmp_path: Path) -> None:
