@@ -535,7 +535,7 @@ class Agent:
         log.info("reload_started", config=str(path))
         try:
             plan = await asyncio.to_thread(reload_module.load, self.config, path)
-        except (ConfigError, Exception) as exc:
+        except Exception as exc:
             problems = ([str(p) for p in exc.problems] if isinstance(exc, ConfigError) else
                         [f"{path}: cannot be loaded: {describe(exc)}"])
             log.error("reload_failed", config=str(path), problems=problems,
