@@ -31,6 +31,7 @@ from agent.patterns import fallback_warnings
 from agent.types import Lines
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
+RELOAD_WAIT = 30.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,6 +75,13 @@ def _arguments() -> argparse.ArgumentParser:
                      "status.* config keys")
     status.add_argument("--json", action="store_true", help="print the raw snapshot")
     status.set_defaults(handler=_status)
+
+    reload = command("reload", "make the running agent re-read its configuration (as SIGHUP "
+                     "does) and say the outcome: exit 0 applied, 2 refused (the running "
+                     "configuration goes on), 3 no agent running, 1 no answer in time")
+    reload.add_argument("--wait", type=float, default=RELOAD_WAIT, metavar="SECONDS",
+                        help=f"how long to wait for the outcome (default {RELOAD_WAIT:g})")
+    reload.set_defaults(handler=_reload)
 
     parse = command("parse", "parse lines from files or stdin and print one JSON document "
                     "per kept line; a summary goes to stderr")
@@ -185,6 +193,49 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print(text)
     return code
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """Signal the pid the status snapshot names (reading only state_dir, like `agent status`:
+    no secret needed), then wait for the snapshot to tell the reload's outcome."""
+    import signal
+    import time
+
+    from agent.status import StatusFile, reload_target, state_dir_of
+
+    status_file = StatusFile(state_dir_of(_config_path(args)))
+    pid, found = reload_target(status_file.read())
+    if pid is None:
+        print(f"agent reload: no running agent to reload: {found} ({status_file.path}); start "
+              "it with `agent run -c CONFIG`", file=sys.stderr)
+        return EXIT_STARTUP
+    before = _last_reload(status_file)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + args.wait
+    while (outcome := _last_reload(status_file)) == before:
+        if time.monotonic() >= deadline:
+            print(f"agent reload: asked pid {pid} to reload, no outcome within {args.wait:g}s; "
+                  "`agent status` shows it once there", file=sys.stderr)
+            return EXIT_FAILURE
+        time.sleep(0.1)
+    assert outcome is not None
+    if not outcome.get("ok"):
+        for problem in outcome.get("problems") or ():
+            print(f"agent: config error: {problem}", file=sys.stderr)
+        print(f"agent reload: pid {pid} refused the new configuration and goes on with the one "
+              "it runs", file=sys.stderr)
+        return EXIT_CONFIG
+    waiting = outcome.get("restart_needed") or []
+    print(f"agent reload: pid {pid} applied the configuration"
+          + (f"; {', '.join(waiting)} changed: applied at the next restart only" if waiting
+             else ""))
+    return EXIT_OK
+
+
+def _last_reload(status_file: Any) -> dict[str, Any] | None:
+    value = status_file.read().value
+    reload = value.get("reload") if isinstance(value, dict) else None
+    return reload if isinstance(reload, dict) else None
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -10,6 +10,16 @@ closed and the offsets written one last time). Signal handlers only set
 `should_exit`; a second signal sets `force_exit`, which skips the drain but
 still writes the offsets already acknowledged.
 
+SIGHUP (or `agent reload`) re-reads the configuration in its own task, so
+the tick goes on meanwhile (`reload`, `agent.reload` says what applies):
+tailers of removed and changed sources stop once what they read is handed
+on, changed ones start again where those stopped, a new database gets its
+queue, spool and shipper, and one no source ships to any more is kept until
+its queue and spool are empty (after a restart too: a spool folder no source
+names that still holds documents is delivered, then retired). A
+configuration with problems is refused and the running one goes on; the
+status snapshot says so.
+
 Each tailer, each shipper and the watcher is supervised on its own: one that
 raises is logged, shown in the status snapshot and retried after a backoff
 (`agent.supervisor`), and everything else keeps going. A tailer's retry is a
@@ -35,12 +45,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import unquote
 
 import aiohttp
 import structlog
 
 from agent import fleet
-from agent.config import AgentConfig, SourceConfig, StartAt
+from agent import reload as reload_module
+from agent.config import AgentConfig, ConfigError, SourceConfig, StartAt
 from agent.couchdb import connection_limit, endpoints, ssl_context
 from agent.counters import SourceCounters
 from agent.deadletter import DeadLetterFile
@@ -53,12 +65,12 @@ from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
 from agent.ratelimit import RepeatedFailure
 from agent.shipper import Shipper
-from agent.spool import Spool, migrate_folders, spool_folder
+from agent.spool import SUFFIX, Spool, migrate_folders, spool_folder
 from agent.status import Level, StatusFile, assess, render
 from agent.supervisor import Failures, Part, describe
 from agent.tailer import Tailer, TailerSet
 from agent.types import Lines, LineSink, SourceFile
-from agent.watcher import Watcher
+from agent.watcher import Watcher, scan
 
 log = structlog.get_logger("agent.daemon")
 
@@ -163,6 +175,11 @@ class Agent:
         self._fleet_task: asyncio.Task[None] | None = None
         self._next_fleet = 0.0
         self._fleet_failures = RepeatedFailure(log, "fleet_write_failed")
+        self.reload_outcome: dict[str, Any] | None = None
+        """The last reload: `{"ok", "at", "problems", "restart_needed"}` (status snapshot)."""
+        self._reload_wanted = asyncio.Event()
+        self._retiring: set[str] = set()
+        """Databases no source ships to any more, kept until their queue and spool are empty."""
 
     async def run(self) -> None:
         asyncio.get_running_loop().set_default_executor(self._executor)
@@ -209,6 +226,7 @@ class Agent:
             shipper.client.observe = functools.partial(self.metrics.observe_request, database)
             self._spawn(f"shipper:{database}", self._keep_running(
                 ("shipper", database), shipper.run, shipper.spool_remaining))
+        await self._open_leftover_spools()
         self._tailers = TailerSet(self._tailer_task, cfg.sources,
                                   {s.name: self._sink(s) for s in cfg.sources}, self.offsets,
                                   start_at, read_budget=self.read_budget)
@@ -218,6 +236,7 @@ class Agent:
         await self._tailers.recover()
         self._watcher = watcher
         self._spawn("watcher", self._keep_running(("watcher",), watcher.run))
+        self._spawn("reload", self._reloads())
         self.started = True
         await asyncio.to_thread(self.status_file.write, self.status())
         log.info("agent_started", sources=[s.name for s in cfg.sources], watch=watcher.mode,
@@ -329,12 +348,14 @@ class Agent:
             if spool.pending or spool.damaged:
                 self._settled.discard(database)
             elif self.offsets.dirty or database not in self._settled:
-                self.offsets.settle(sources)
+                self.offsets.settle(self._settleable(sources))
                 self._settled.add(database)
         now = time.monotonic()
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY
             self.offsets.prune(time.time() - FORGET_AFTER)
+        if self._retiring:
+            await self._retire_drained()
         if self.offsets.dirty:
             await self._save_offsets()
         activity = self._activity_count()
@@ -377,6 +398,7 @@ class Agent:
         self.notifier.stopping()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
+        await self._stop_reloading()
         # The watcher first and waited for: its observer thread must not hand hints to
         # tailers that are going away.
         watcher = self._tasks.get("watcher")
@@ -577,9 +599,11 @@ class Agent:
     @contextlib.contextmanager
     def _capture_signals(self) -> Iterator[None]:
         loop = asyncio.get_running_loop()
-        handled = (signal.SIGINT, signal.SIGTERM)
+        handled: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
         for sig in handled:
             loop.add_signal_handler(sig, self.handle_exit, sig)
+        handled += (signal.SIGHUP,)
+        loop.add_signal_handler(signal.SIGHUP, self.handle_reload)
         try:
             yield
         finally:
@@ -591,6 +615,180 @@ class Agent:
             self.force_exit = True
         self.should_exit.set()
         log.info("signal_received", signal=signal.Signals(sig).name, force=self.force_exit)
+
+    def handle_reload(self) -> None:
+        """SIGHUP: re-read the configuration (in the reload task; a signal only sets state)."""
+        log.info("signal_received", signal="SIGHUP")
+        self._reload_wanted.set()
+
+    # -- reload
+
+    async def _reloads(self) -> None:
+        """One reload at a time; signals during one make one more after it."""
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            await self.reload()
+
+    async def _stop_reloading(self) -> None:
+        """At shutdown, before reading stops: no reload may start tailers or shippers then."""
+        task = self._tasks.pop("reload", None)
+        if task is not None:
+            task.cancel("agent stopping")
+            await self._settle_tasks([task])
+
+    async def reload(self) -> None:
+        """Re-read the configuration and apply it, or refuse it whole and go on as before."""
+        self.notifier.reloading()
+        at = time.time()
+        path = self.config.path
+        log.info("reload_started", config=str(path))
+        try:
+            plan = await asyncio.to_thread(reload_module.load, self.config, path)
+        except Exception as exc:
+            problems = ([str(p) for p in exc.problems] if isinstance(exc, ConfigError) else
+                        [f"{path}: cannot be loaded: {describe(exc)}"])
+            log.error("reload_failed", config=str(path), problems=problems,
+                      action="fix these (`agent check -c CONFIG` shows them) and reload again; "
+                      "the agent goes on with the configuration it runs")
+            self.reload_outcome = {"ok": False, "at": at, "problems": problems}
+        else:
+            try:
+                await self._apply(plan)
+            except Exception as exc:
+                log.error("reload_failed", config=str(path), problems=[describe(exc)],
+                          action="the configuration may be applied in part: restart the agent "
+                          "(nothing is lost or doubled: offsets and spools are kept)",
+                          exc_info=not isinstance(exc, OSError))
+                self.reload_outcome = {"ok": False, "at": at, "problems": [describe(exc)]}
+            else:
+                self.reload_outcome = {"ok": True, "at": at, "problems": [],
+                                       "restart_needed": list(plan.restart_only)}
+        await asyncio.to_thread(self.status_file.write, self.status())
+        # Applied or refused, the agent runs (systemd waits for READY=1 after RELOADING=1).
+        self.notifier.ready(self.summary())
+
+    async def _apply(self, plan: reload_module.ReloadPlan) -> None:
+        """Stop what the new configuration removes or changes, open the new databases, then
+        start the sources added or changed (module docstring)."""
+        assert self._tailers is not None
+        for warning in plan.config.warnings:
+            log.warning("config_warning", file=str(warning.file), key=warning.key,
+                        message=warning.message)
+        if plan.restart_only:
+            log.warning("reload_restart_needed", keys=list(plan.restart_only),
+                        action="these settings keep their running values until the agent "
+                        "restarts; everything else is applied now")
+        start_at = {n: self._tailers.start_at.get(n, "beginning") for n in plan.changed}
+        start_at.update({n: plan.source(n).start_at for n in plan.added})
+        stopped = await self._tailers.stop_sources(plan.restarted)
+        self.config = plan.config
+        databases: dict[str, list[str]] = {}
+        for source in sorted(plan.config.sources, key=lambda s: s.database):
+            databases.setdefault(source.database, []).append(source.name)
+        for database in databases:
+            self._retiring.discard(database)
+            if database not in self.shippers:
+                await self._open_database(database)
+        for database, sources in self.databases.items():
+            if database not in databases:
+                # What is queued or spooled for it still goes there; a source that moved
+                # settles only once both its databases' spools are empty (`_settleable`).
+                databases[database] = sources
+                self._retiring.add(database)
+        self.databases = databases
+        started = plan.added + plan.changed
+        for name in plan.added:
+            self.counters[name] = SourceCounters()
+        self._tailers.add_sources([plan.source(n) for n in started],
+                                  {n: self._sink(plan.source(n)) for n in started},
+                                  start_at, plan.added)
+        if self._watcher is not None:
+            self._watch_sources(self._watcher, plan)
+        if started:
+            found, skipped = await asyncio.to_thread(
+                scan, [plan.source(n) for n in started], self.config.state_dir)
+            self._tailers.reconcile(found, started, skipped)
+            await self._tailers.recover()
+        log.info("reload_done", added=list(plan.added), removed=list(plan.removed),
+                 changed=list(plan.changed), tailers_restarted=stopped,
+                 databases=sorted(self.databases), retiring=sorted(self._retiring))
+
+    def _watch_sources(self, watcher: Watcher, plan: reload_module.ReloadPlan) -> None:
+        """Hand the watcher the new sources; its next full rescan adds the inotify watches
+        for new folders (the reload scans the new sources at once meanwhile)."""
+        fell_back = any(s.watch != "poll" and s.name in watcher.polled for s in watcher.sources)
+        watcher.sources = list(plan.config.sources)
+        watcher.polled = {s.name for s in plan.config.sources if s.watch == "poll" or fell_back}
+
+    async def _open_leftover_spools(self) -> None:
+        """Spools of databases no source ships to any more that still hold documents (a reload
+        moved or removed their sources, and the agent stopped before they were delivered):
+        delivered there as after that reload, then retired."""
+        cfg = self.config
+        found = await asyncio.to_thread(_spooled_databases, cfg.state_dir / "spool")
+        for database in sorted(found - set(self.shippers)):
+            spool = Spool(spool_folder(cfg.state_dir / "spool", database), cfg.spool.max_bytes,
+                          cfg.spool.segment_bytes, cfg.spool.when_full)
+            await asyncio.to_thread(spool.open)
+            if not spool.pending:
+                await asyncio.to_thread(spool.close)
+                continue
+            log.info("leftover_spool", database=database, records=spool.pending,
+                     action="delivering them to that database, then stopping its shipper")
+            await self._open_database(database, spool)
+            self.databases[database] = []
+            self._retiring.add(database)
+
+    async def _open_database(self, database: str, spool: Spool | None = None) -> None:
+        """A new database: its spool (what an earlier run left there is sent first), queue and
+        shipper, as at start."""
+        cfg = self.config
+        assert self._session is not None
+        if spool is None:
+            spool = Spool(spool_folder(cfg.state_dir / "spool", database), cfg.spool.max_bytes,
+                          cfg.spool.segment_bytes, cfg.spool.when_full)
+            await asyncio.to_thread(spool.open)
+        queue = DocumentQueue(cfg.shipping.queue_max_docs, cfg.shipping.queue_max_bytes)
+        shipper = Shipper(database, queue, spool, self._session, endpoints(cfg.couchdb),
+                          cfg.couchdb, cfg.shipping, self.offsets.acknowledge,
+                          DeadLetterFile(cfg.state_dir))
+        self.queues[database] = queue
+        self.shippers[database] = shipper
+        self._spawn(f"shipper:{database}", self._keep_running(
+            ("shipper", database), shipper.run, shipper.spool_remaining))
+        log.info("database_added", database=database)
+
+    def _settleable(self, sources: list[str]) -> list[str]:
+        """Of these sources, those no other database still holds spooled documents of (a
+        source a reload moved ships to two until the old one retires)."""
+        if not self._retiring:
+            return sources
+        busy = {name for database, names in self.databases.items()
+                if (spool := self.shippers[database].spool).pending or spool.damaged
+                for name in names}
+        return [name for name in sources if name not in busy]
+
+    async def _retire_drained(self) -> None:
+        """Stop the shippers of databases no source ships to once they delivered all (at
+        shutdown they stop with the others)."""
+        if self.should_exit.is_set():
+            return
+        for database in sorted(self._retiring):
+            shipper = self.shippers[database]
+            if not shipper.idle or shipper.spool.pending or shipper.spool.damaged:
+                continue
+            task = self._tasks.pop(f"shipper:{database}", None)
+            if task is not None:
+                task.cancel("reload: no source ships to this database any more")
+                await self._settle_tasks([task])
+            await shipper.spool_remaining()
+            await asyncio.to_thread(shipper.spool.close)
+            self._retiring.discard(database)
+            self._settled.discard(database)
+            del self.shippers[database], self.queues[database], self.databases[database]
+            log.info("database_retired", database=database,
+                     reason="no source ships to it any more, and all it held is delivered")
 
     def status(self) -> dict[str, Any]:
         """The snapshot `agent status` explains (small: it is written every second)."""
@@ -620,6 +818,7 @@ class Agent:
             "watch": self._watcher.mode if self._watcher else "starting",
             "sources": sources,
             "failing": failing,
+            **({"reload": self.reload_outcome} if self.reload_outcome is not None else {}),
             "databases": {
                 db: {"healthy": sh.health is Health.OK, "queued": len(self.queues[db]),
                      "spool_records": sh.spool.pending, "spool_bytes": sh.spool.stats.bytes,
@@ -640,6 +839,18 @@ def _where(part: Part) -> dict[str, str]:
     """A failing part as log and status fields."""
     names = {"file": ("source", "path"), "shipper": ("database",)}.get(part[0], ())
     return dict(zip(names, part[1:], strict=True))
+
+
+def _spooled_databases(root: Path) -> set[str]:
+    """The databases whose spool folder under `root` holds segment files. Blocking.
+
+    A spool root that cannot be listed gives none: that is the spools' problem, reported
+    (and survived) when each configured one is used."""
+    try:
+        return {unquote(p.name) for p in root.iterdir()
+                if p.is_dir() and any(p.glob(f"*{SUFFIX}"))}
+    except OSError:
+        return set()
 
 
 def _check_writable(state_dir: Path) -> None:

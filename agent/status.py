@@ -16,7 +16,8 @@ never a traceback.
 - 0 OK;
 - 1 WARNING: CouchDB not reachable for less than `status.critical_after` (retrying), more
   unread bytes than `status.lag_warning`, a file that cannot be read, a database failed over
-  to a fallback URL or one of its URLs down, documents dropped by `when_full: drop_oldest`;
+  to a fallback URL or one of its URLs down, documents dropped by `when_full: drop_oldest`,
+  the last configuration reload refused (or settings it read that wait for a restart);
 - 2 CRITICAL: CouchDB not reachable for longer than `status.critical_after`, the spool full
   and reading paused, a document dead-lettered within `status.dead_letter_window`;
 - 3 UNKNOWN: not running (no snapshot, or its pid is gone), a snapshot older than
@@ -31,6 +32,10 @@ The snapshot's contract (what `mismatch` checks; extra keys are allowed):
   `failing`: `[{"path", "error", "since"}]` for files whose tailer failed (WARNING);
 - `failing` (top level, when present): `[{"part", "error", "since", "failures", ...}]` for
   the other parts the daemon restarts after a failure (a shipper, the watcher): WARNING;
+- `reload` (when present: after the first reload): `{"ok", "at", "problems"}` and, when ok,
+  `restart_needed` (config keys changed that apply at the next restart only). Not ok: the
+  new configuration was refused with `problems` (as `agent check` says them) and the previous
+  one runs on: WARNING, until a reload succeeds. `restart_needed` not empty: WARNING;
 - `databases[db]`: `healthy`, `last_error`, `last_success`, `backpressure`, `stored`,
   `conflicts`, `queued`, `dead_lettered`, `spool_records`, `spool_bytes`,
   `spool.dropped_records`; and, from the shipper when present:
@@ -247,6 +252,8 @@ COUNTERS = ("lines", "matched", "unmatched", "filtered", "empty", "invalid_encod
 _SHAPE = {
     "pid": _PID, "started_at": _TIME, "updated_at": _TIME, "watch": _TEXT,
     "failing": _Optional([{"part": _TEXT, "error": _TEXT, "since": _TIME}]),
+    "reload": _Optional({"ok": _FLAG, "at": _TIME, "problems": [_TEXT],
+                         "restart_needed": _Optional([_TEXT])}),
     "sources": _Each({"files": _COUNT, "lag": _COUNT, "counters": dict.fromkeys(COUNTERS, _COUNT),
                       "behind": [{"path": _TEXT, "lag": _COUNT}],
                       "failing": _Optional([{"path": _TEXT, "error": _TEXT, "since": _TIME}])}),
@@ -387,6 +394,7 @@ def assess(snapshot: Mapping[str, Any], now: float, limits: StatusConfig,
         found.append(Finding(Level.WARNING, f"{part['part']}{f' {where}' if where else ''} "
                              f"failing for {_since(now, part['since'])}, restarted with backoff: "
                              f"{part['error']}"))
+    found += _reload_findings(snapshot.get("reload"), now)
     dead_letters_told = False
     for name, db in sorted(snapshot["databases"].items()):
         down = down_since(db, snapshot["started_at"])
@@ -430,6 +438,46 @@ def assess(snapshot: Mapping[str, Any], now: float, limits: StatusConfig,
         found.append(Finding(Level.CRITICAL, f"a document was refused {_since(now, dead_letter_at)} "
                              "ago (before this agent started); see dead-letter.jsonl in state_dir"))
     return sorted(found, key=lambda f: -f.level)
+
+
+def _reload_findings(reload: Mapping[str, Any] | None, now: float) -> list[Finding]:
+    """The last reload: refused (the previous configuration runs on), or applied with settings
+    that wait for a restart."""
+    if reload is None:
+        return []
+    if not reload["ok"]:
+        problems = reload["problems"] or ["no reason given"]
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return [Finding(Level.WARNING, f"configuration reload refused {_since(now, reload['at'])} "
+                        f"ago, the previous one runs on: {problems[0]}{more}; fix it (agent "
+                        "check) and reload again")]
+    waiting = reload.get("restart_needed") or []
+    if waiting:
+        return [Finding(Level.WARNING, f"reloaded configuration changes {', '.join(waiting)}: "
+                        "applied at the next restart only")]
+    return []
+
+
+def reload_target(reading: Reading, now: float | None = None) -> tuple[int | None, str]:
+    """The pid of the agent whose snapshot `reading` is, if it runs and the snapshot is fresh
+    (a stale one's pid may have been reused by another process: never signal that), else None;
+    and what was found, for the message."""
+    now = time.time() if now is None else now
+    if reading.problem is not None:
+        return None, f"the status file {reading.problem}"
+    snapshot = reading.value
+    if snapshot is None:
+        return None, "there is no status file: the agent is not running with this config"
+    wrong = mismatch(snapshot)
+    if wrong is not None:
+        return None, f"the status file is not a status snapshot: {wrong}"
+    pid = snapshot["pid"]
+    if not _running(pid):
+        return None, f"the agent is not running (pid {pid} is gone)"
+    distrust = trust(snapshot, now, alive=True)
+    if distrust is not None:
+        return None, f"the status file {distrust}"
+    return pid, f"pid {pid}"
 
 
 def perfdata(snapshot: Mapping[str, Any], now: float, limits: StatusConfig) -> str:

@@ -30,6 +30,13 @@ file's identity it claims offsets from the `OffsetStore` (`TailerSet.claim`):
 At start, files the offsets know that were renamed out of every glob while
 the agent was stopped, with lines still unread, are found in their last
 folder and read to their end (`TailerSet.recover`).
+
+A reload (`TailerSet.stop_sources`, `add_sources`) stops the tailers of
+removed and changed sources between chunks, where every line they read is
+handed on but a multi-line event still being assembled, and a changed source's
+new tailer takes over each file where the old one stopped, keeping the
+documents still waiting for an ack (`claim`): nothing handed on is read
+again, and everything after is read with the new configuration.
 """
 
 from __future__ import annotations
@@ -64,6 +71,10 @@ from agent.types import FILE_START, Checkpoint, FileId, Lines, LineSink, SourceF
 
 READ_CHUNK = 256 * 1024
 MIN_COPY_OFFSET = FINGERPRINT_BYTES + MARKER_BYTES
+STOP_WAIT = 10.0
+"""Seconds a reload waits for a tailer to stop where everything it read is handed on (it may
+wait for room in a full queue); past that it is cancelled and its file is read again from the
+committed offset (the same `_id`s: CouchDB answers conflict)."""
 IN_FLIGHT_WAIT = 5.0
 """Seconds a stopping tailer waits for a read still running in its thread (a hung NFS mount
 never returns); past that the descriptor is closed when the read returns, never before."""
@@ -133,8 +144,9 @@ class Wakeup:
 class Tailer:
     # Slots: one instance per followed file, and an instance dict costs more than its fields.
     __slots__ = ("_in_flight", "_let_go", "_recent", "_released", "_unlisted", "_wake",
-                 "at_first_start", "fd", "file", "key", "listed", "multiline", "owner", "path",
-                 "recovered", "seen_size", "source", "splitter", "state")
+                 "at_first_start", "fd", "file", "handed_over", "key", "listed", "multiline",
+                 "owner", "path", "recovered", "seen_size", "source", "splitter", "state",
+                 "stopping")
 
     def __init__(self, source: SourceConfig, path: str, key: tuple[str, int, int],
                  at_first_start: bool, owner: TailerSet, listed: bool = True) -> None:
@@ -159,6 +171,10 @@ class Tailer:
         self._wake = Wakeup()
         self._in_flight: asyncio.Future[Any] | None = None
         """The blocking call running in a thread for this tailer, if any."""
+        self.stopping = False
+        """A reload asked this tailer to stop at the next point where all it read is handed on."""
+        self.handed_over = False
+        """It stopped there: its successor may go on from the last line handed on."""
         # The two events only a copy waiting for its original needs: made when first asked for.
         self._unlisted: asyncio.Event | None = None
         self._released: asyncio.Event | None = None
@@ -203,6 +219,13 @@ class Tailer:
         self.listed = False
         if self._unlisted is not None:
             self._unlisted.set()
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop once everything read is handed on (a reload); `run` then returns."""
+        self.stopping = True
+        # A copy waiting for its original gives up: there is nothing to hand over yet.
+        self.unlisted.set()
         self._wake.set()
 
     def relist(self) -> None:
@@ -284,6 +307,11 @@ class Tailer:
         changed = False  # a read found the bytes before its position changed: rewritten
         while True:
             woken = await self._wake.wait(self._timeout())
+            if self.stopping:
+                # A multi-line event still being assembled is not handed on: it starts where
+                # the last one handed on ends, so the successor reads it whole.
+                self.handed_over = True
+                return
             action, size = await self._look(changed, last_growth)
             changed = False
             if action is Action.RELEASE:
@@ -405,6 +433,8 @@ class Tailer:
             if not read:
                 return None if read is None else grew
             grew = True
+            if self.stopping:
+                return grew
 
     async def _read_and_hand_on(self) -> bool | None:
         """Read one chunk and hand on its complete lines. True if there was one, False at the
@@ -507,7 +537,16 @@ class TailerSet:
         self.skipped: dict[tuple[str, str], str] = {}
         """(source, path) -> why it is not followed: each is logged once, while the path lasts."""
         self.tasks: set[asyncio.Task[None]] = set()
+        self.running: dict[Tailer, asyncio.Task[None]] = {}
+        """Each tailer's task, until it is done."""
         self._scans = 0
+        self.handovers: dict[SourceFile, Checkpoint] = {}
+        """Files a tailer stopped by a reload left with everything it read handed on: the end
+        of the last line handed on, where its successor goes on."""
+        self._first_scan: set[str] = set()
+        """Sources added by a reload whose files have not been scanned yet: like files found at
+        the first start, they begin where the source's `start_at` says."""
+        self._closed = False
 
     def reconcile(self, found: Iterable[Found], scanned: Iterable[str],
                   skipped: Iterable[Skipped] = ()) -> None:
@@ -518,6 +557,9 @@ class TailerSet:
         paths = {(item.source, item.path) for item in found}
         seen = set()
         for item in found:
+            if item.source not in self.sources:
+                # Scanned before a reload removed the source (or while it is being changed).
+                continue
             key = (item.source, item.dev, item.ino)
             if key in seen:
                 continue  # a hard link of a file already handled in this scan
@@ -548,6 +590,7 @@ class TailerSet:
                 tailer.unlink()
         for gone in [k for k in self.skipped if k[0] in sources and k not in paths]:
             del self.skipped[gone]
+        self._first_scan -= sources
 
     def skip(self, skipped: Skipped) -> None:
         """A path is not followed: say so once (again only if the reason changes)."""
@@ -573,6 +616,10 @@ class TailerSet:
                 progress = store.get(known)
                 assert progress is not None
                 reader = self.owners.get(known)
+                handover = self.handovers.pop(known, None)
+                if handover is not None and reader is None and handover.offset <= size and \
+                        await tailer.marker_matches(handover.marker_offset, handover.marker):
+                    return self._take_over(tailer, known, progress, handover)
                 # A copy of this file that adopted its offsets reads them now: this file was
                 # rewritten, whatever its bytes say.
                 if (reader is None or reader is tailer) and progress.committed <= size and \
@@ -633,6 +680,19 @@ class TailerSet:
         self.owners[file] = tailer
         return file, start.offset
 
+    def _take_over(self, tailer: Tailer, file: SourceFile, progress: FileProgress,
+                   point: Checkpoint) -> tuple[SourceFile, int]:
+        """Go on reading `file` where a tailer stopped by a reload handed on its last line. Not
+        `OffsetStore.attach`, which starts afresh: the documents that tailer queued are still
+        waiting for their acks in `progress`, and the committed offset must keep waiting for
+        them."""
+        progress.live = True
+        progress.path = tailer.path
+        progress.updated = time.time()
+        self.owners[file] = tailer
+        tailer.log.info("file_taken_over", offset=point.offset, committed=progress.committed)
+        return file, point.offset
+
     def let_go(self, tailer: Tailer, file: SourceFile) -> None:
         """`tailer` no longer reads `file` (it was truncated, or the tailer is done)."""
         if self.owners.get(file) is tailer:
@@ -640,12 +700,16 @@ class TailerSet:
 
     def _open(self, item: Found, listed: bool = True) -> None:
         """Start a tailer for a file a scan found; it opens the file itself, off the loop."""
+        if self._closed:
+            return
         key = (item.source, item.dev, item.ino)
-        tailer = Tailer(self.sources[item.source], item.path, key, self._scans == 1, self, listed)
+        first = self._scans == 1 or item.source in self._first_scan
+        tailer = Tailer(self.sources[item.source], item.path, key, first, self, listed)
         self.live[key] = tailer
         self.by_path.setdefault(item.path, set()).add(tailer)
         task = self.spawn(tailer.run())
         self.tasks.add(task)
+        self.running[tailer] = task
         task.add_done_callback(lambda t: self._done(key, tailer, t))
 
     async def recover(self) -> None:
@@ -663,6 +727,7 @@ class TailerSet:
 
     def _done(self, key: tuple[str, int, int], tailer: Tailer, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self.running.pop(tailer, None)
         if self.live.get(key) is tailer:
             del self.live[key]
         self._unindex(tailer)
@@ -674,8 +739,56 @@ class TailerSet:
             if not tailers:
                 del self.by_path[tailer.path]
 
+    async def stop_sources(self, names: Iterable[str]) -> int:
+        """A reload removes or changes these sources: no file of theirs is opened until
+        `add_sources` names them again, and their tailers stop where everything they read is
+        handed on (`Tailer.stop`), or are cancelled after STOP_WAIT. Returns how many stopped."""
+        names = set(names)
+        for name in names:
+            self.sources.pop(name, None)
+            self.start_at.pop(name, None)
+            for key in [k for k in self.skipped if k[0] == name]:
+                del self.skipped[key]
+            for file in [f for f in self.handovers if f.source == name]:
+                del self.handovers[file]
+        stopping = {t: task for t, task in self.running.items() if t.source.name in names}
+        for tailer in stopping:
+            tailer.stop()
+        late: set[asyncio.Task[None]] = set()
+        if stopping:
+            _, late = await asyncio.wait(stopping.values(), timeout=STOP_WAIT)
+        for task in late:
+            task.cancel("reload: the tailer did not stop in time")
+        if late:
+            log.warning("tailers_cancelled", count=len(late), waited=STOP_WAIT,
+                        action="their files are read again from the committed offsets (CouchDB "
+                        "answers conflict for what it has)")
+            await asyncio.gather(*late, return_exceptions=True)
+        for tailer, task in stopping.items():
+            if task in late or not tailer.handed_over or tailer.file is None:
+                continue
+            progress = self.offsets.get(tailer.file)
+            if progress is not None:
+                self.handovers[tailer.file] = progress.marks[-1] if progress.marks else \
+                    progress.checkpoint
+        # Only now: a stopping tailer hands on what it read through its source's sink.
+        for name in names:
+            self.sinks.pop(name, None)
+        return len(stopping)
+
+    def add_sources(self, sources: Iterable[SourceConfig], sinks: dict[str, LineSink],
+                    start_at: dict[str, StartAt], new: Iterable[str]) -> None:
+        """A reload adds or changes these sources; the next scan opens their files. The
+        sources in `new` were not there before: their files start where `start_at` says."""
+        for source in sources:
+            self.sources[source.name] = source
+        self.sinks.update(sinks)
+        self.start_at.update(start_at)
+        self._first_scan.update(new)
+
     async def stop(self) -> None:
         """Stop every tailer; each waits for a read still running in its thread first."""
+        self._closed = True
         for task in self.tasks:
             task.cancel("agent stopping")
         await asyncio.gather(*self.tasks, return_exceptions=True)
