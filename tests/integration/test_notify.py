@@ -86,6 +86,15 @@ def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(
         wait_for(lambda: any(m["STATUS"].startswith("COUCHLOG OK - 1 files")
                              for m in notify.seen("STATUS") if "READY" not in m),
                  30, "STATUS= with the new file")
+        # A reload (systemd's ExecReload= sends SIGHUP): RELOADING=1, then READY=1 again.
+        assert agent.process is not None
+        agent.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(notify.seen("READY")) == 2, 30, "READY=1 after the reload")
+        reloading = notify.seen("RELOADING")
+        assert len(reloading) == 1 and reloading[0]["RELOADING"] == "1"
+        assert int(reloading[0]["MONOTONIC_USEC"]) > 0
+        order = [m for m in notify.messages if "RELOADING" in m or "READY" in m]
+        assert ["READY" in order[0], "RELOADING" in order[1], "READY" in order[2]] == [True] * 3
         assert agent.stop() == 0
     notify.receive()
     stopping = [i for i, m in enumerate(notify.messages) if "STOPPING" in m]
