@@ -97,12 +97,15 @@ class FaultProxy:
 
     async def _handle(self, request: web.Request, session: ClientSession) -> web.StreamResponse:
         self.requests += 1
-        self.in_flight += 1
+        # Only the shipper's sends count as in flight: the agent's fleet document and probes
+        # travel beside them on purpose.
+        bulk = request.method == "POST" and request.path.endswith("/_bulk_docs")
+        self.in_flight += bulk
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             return await self._answer(request, session)
         finally:
-            self.in_flight -= 1
+            self.in_flight -= bulk
 
     async def _answer(self, request: web.Request, session: ClientSession) -> web.StreamResponse:
         body = await request.read()
