@@ -138,6 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.daemon import Agent
     from agent.supervisor import describe
 
+    _cap_malloc_arenas()
     config = config_module.load(_config_path(args))
     logs.configure(args.log_level or config.log_level, config.log_format)
     log = structlog.get_logger("agent")
@@ -161,6 +162,23 @@ def _run(args: argparse.Namespace) -> int:
                   exc_info=not system)
         return EXIT_FAILURE if agent.started else EXIT_STARTUP
     return EXIT_OK
+
+
+def _cap_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas at 2, unless MALLOC_ARENA_MAX says otherwise. Reads and
+    fsyncs run in worker threads, and glibc gives each new thread an arena of its own (up to 8
+    per core) that keeps its freed memory: about 8 MiB of the peak with 1,000 files. Done here,
+    before any thread starts, so that it holds however the agent is started (systemd, a
+    container, by hand, the benches). A plain call: no executable memory is made, which
+    MemoryDenyWriteExecute=yes would refuse. Not glibc: nothing to do."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import ctypes
+
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        m_arena_max = -8  # malloc.h
+        mallopt(ctypes.c_int(m_arena_max), ctypes.c_int(2))
 
 
 def _leaf_errors(exc: BaseException) -> list[BaseException]:

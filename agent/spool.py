@@ -45,6 +45,9 @@ from agent.types import Document, SourceFile
 MAGIC = b"\xc7CLs"
 HEADER = struct.Struct("<4sII")
 SUFFIX = ".seg"
+READ_CHUNK = 64 * 1024
+"""Bytes read from a segment at a time: a replay holds its batch and about one chunk, not the
+segment (the oldest batch is read again at every probe while CouchDB is down)."""
 DAMAGE_MARK = "damaged"
 """A file in the spool folder while lost records have not been read again from the logs."""
 WhenFull = Literal["block", "drop_oldest"]
@@ -85,8 +88,9 @@ class _Segment:
 
 class Spool:
     def __init__(self, folder: Path, max_bytes: int, segment_bytes: int,
-                 when_full: WhenFull = "block") -> None:
+                 when_full: WhenFull = "block", read_chunk: int = READ_CHUNK) -> None:
         self.folder = folder
+        self.read_chunk = read_chunk
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.when_full = when_full
@@ -96,7 +100,6 @@ class Spool:
         yet handled (`clear_damage`): the mark is kept on disk, so a restart still knows."""
         self._segments: list[_Segment] = []
         self._fd: int | None = None
-        self._cache: tuple[int, bytes] | None = None
         self._lock = threading.Lock()
 
     # -- opening
@@ -169,24 +172,24 @@ class Spool:
 
     def _check(self, segment: _Segment) -> int:
         """Count the valid records of a segment; return where its valid data ends."""
-        with open(self._path(segment.number), "rb") as f:
-            data = f.read()
         offset = valid_end = 0
-        while offset < len(data):
-            record = _parse(data, offset)
-            if record is None:
-                if data.find(MAGIC, offset + 1) < 0:
-                    # Torn by a crash during a write (never acknowledged), or a damaged last
-                    # record (acknowledged): the two cannot be told apart, so read again.
-                    self.stats.torn_records += 1
-                    self._mark_damaged()
-                    return valid_end
-                segment.corrupt_at.add(offset)
-                self._corrupt(segment, offset)
-                offset = data.find(MAGIC, offset + 1)
-                continue
-            offset = valid_end = offset + HEADER.size + record
-            segment.records += 1
+        with _Window(self._path(segment.number), segment.size, self.read_chunk) as window:
+            while offset < segment.size:
+                record = window.record(offset)
+                if record is None:
+                    nxt = window.find_magic(offset + 1)
+                    if nxt >= segment.size:
+                        # Torn by a crash during a write (never acknowledged), or a damaged last
+                        # record (acknowledged): the two cannot be told apart, so read again.
+                        self.stats.torn_records += 1
+                        self._mark_damaged()
+                        return valid_end
+                    segment.corrupt_at.add(offset)
+                    self._corrupt(segment, offset)
+                    offset = nxt
+                    continue
+                offset = valid_end = offset + HEADER.size + len(record)
+                segment.records += 1
         return valid_end
 
     def _corrupt(self, segment: _Segment, offset: int) -> None:
@@ -269,38 +272,32 @@ class Spool:
         out: list[SpooledDoc] = []
         size = 0
         for segment in self._segments:
-            data = self._segment_data(segment)
-            at = segment.read_offset
-            while at < len(data) and len(out) < max_docs:
-                length = _parse(data, at)
-                if length is None:
-                    if at not in segment.corrupt_at:
-                        segment.corrupt_at.add(at)
-                        self._corrupt(segment, at)
-                    nxt = data.find(MAGIC, at + 1)
-                    at = len(data) if nxt < 0 else nxt
-                    if not out:
-                        segment.read_offset = at  # nothing undelivered before it
-                    continue
-                if out and size + length > max_bytes:
-                    return out
-                end = at + HEADER.size + length
-                out.append(SpooledDoc(_document(data[at + HEADER.size:end]), segment.number, end))
-                size += length
-                at = end
+            if segment.read_offset >= segment.size:
+                continue
+            # Only a window from the read offset is read, and dropped once read: a spool waiting
+            # for CouchDB holds none of its segment between probes.
+            with _Window(self._path(segment.number), segment.size, self.read_chunk) as window:
+                at = segment.read_offset
+                while at < segment.size and len(out) < max_docs:
+                    record = window.record(at)
+                    if record is None:
+                        if at not in segment.corrupt_at:
+                            segment.corrupt_at.add(at)
+                            self._corrupt(segment, at)
+                        at = window.find_magic(at + 1)
+                        if not out:
+                            segment.read_offset = at  # nothing undelivered before it
+                        continue
+                    if out and size + len(record) > max_bytes:
+                        return out
+                    end = at + HEADER.size + len(record)
+                    out.append(SpooledDoc(_document(record), segment.number, end))
+                    size += len(record)
+                    at = end
             if out:
                 return out
         self._delete_finished()
         return out
-
-    def _segment_data(self, segment: _Segment) -> bytes:
-        """The segment's bytes, kept while it is replayed (at most `segment_bytes`)."""
-        cached = self._cache
-        if cached is None or cached[0] != segment.number or len(cached[1]) < segment.size:
-            with open(self._path(segment.number), "rb") as f:
-                cached = (segment.number, f.read(segment.size))
-            self._cache = cached
-        return cached[1]
 
     def commit(self, delivered: Sequence[SpooledDoc]) -> None:
         """`delivered` (as returned by `read`) reached CouchDB; delete finished segments."""
@@ -328,8 +325,6 @@ class Spool:
     def _delete(self, segment: _Segment) -> None:
         if segment is self._segments[-1]:
             self._close_active()
-        if self._cache is not None and self._cache[0] == segment.number:
-            self._cache = None
         self._segments.remove(segment)
         self.stats.bytes -= segment.size
         self.stats.records -= segment.records - segment.delivered
@@ -395,21 +390,74 @@ def _document(payload: bytes) -> Document:
     return Document(doc_id, body, SourceFile.parse(file), int(end))
 
 
-def _parse(data: bytes, at: int) -> int | None:
-    """The payload length of a valid record at `at`, or None."""
-    if at + HEADER.size > len(data):
-        return None
-    magic, length, crc = HEADER.unpack_from(data, at)
-    start = at + HEADER.size
-    if magic != MAGIC or start + length > len(data):
-        return None
-    if zlib.crc32(data[start:start + length]) != crc:
-        return None
-    try:
-        _document(data[start:start + length])
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return int(length)
+class _Window:
+    """The bytes of one segment file (its first `size` bytes), read forward a chunk at a time:
+    only the part from the last offset asked for on is kept, so a reader holds about one chunk
+    (or one record, if larger) whatever the segment's size. Offsets only move forward."""
+
+    def __init__(self, path: Path, size: int, chunk: int) -> None:
+        self.path = path
+        self.size = size
+        self.chunk = chunk
+        self._fd = -1
+        self._start = 0
+        self._data = b""
+
+    def __enter__(self) -> _Window:
+        self._fd = os.open(self.path, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+        self._data = b""
+
+    def _get(self, at: int, n: int) -> bytes | None:
+        """Bytes `at` to `at + n`, or None if the segment (or the file) ends before."""
+        if at + n > self.size:
+            return None
+        end = self._start + len(self._data)
+        if at < self._start or at + n > end:
+            keep = self._data[at - self._start:] if self._start <= at < end else b""
+            start = at + len(keep)
+            want = min(max(n - len(keep), self.chunk), self.size - start)
+            self._data = keep + os.pread(self._fd, want, start)
+            self._start = at
+            if at + n > self._start + len(self._data):
+                return None  # the file is shorter than it was: read as the end
+        return self._data[at - self._start:at - self._start + n]
+
+    def record(self, at: int) -> bytes | None:
+        """The payload of a valid record at `at`, or None (torn or damaged)."""
+        header = self._get(at, HEADER.size)
+        if header is None:
+            return None
+        magic, length, crc = HEADER.unpack(header)
+        if magic != MAGIC:
+            return None
+        # A damaged length beyond the segment's end is refused before anything is read.
+        payload = self._get(at + HEADER.size, length)
+        if payload is None or zlib.crc32(payload) != crc:
+            return None
+        try:
+            _document(payload)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return payload
+
+    def find_magic(self, at: int) -> int:
+        """The offset of the next MAGIC from `at` on, or the segment's size if there is none."""
+        while at < self.size:
+            span = self._get(at, min(self.chunk, self.size - at))
+            if span is None:
+                return self.size
+            found = span.find(MAGIC)
+            if found >= 0:
+                return at + found
+            if at + len(span) >= self.size:
+                return self.size
+            # The last bytes again: a MAGIC may straddle two spans.
+            at += max(1, len(span) - len(MAGIC) + 1)
+        return self.size
 
 
 def _fsync_folder(folder: Path) -> None:

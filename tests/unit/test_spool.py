@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from agent.spool import MAGIC, Spool, migrate_folders, spool_folder
+from agent.spool import MAGIC, READ_CHUNK, Spool, migrate_folders, spool_folder
 from agent.types import Document, FileId, SourceFile
 
 F = SourceFile("src", FileId(1, 2, "ab"))
@@ -80,6 +81,70 @@ def test_corrupt_record_is_skipped_counted_and_the_rest_recovered(tmp_path: Path
     again = spool(tmp_path)
     assert again.damaged and again.stats.corrupt_records == 1
     assert [d.doc_id for d in replay_all(again)] == [f"d{n}" for n in range(10) if n != 3]
+
+
+def test_a_replay_read_holds_about_its_batch_not_the_segment(tmp_path: Path) -> None:
+    # While CouchDB is down the shipper probes by reading the oldest batch again and again:
+    # neither that read nor the time between probes may hold the segment (8 MiB by default).
+    s = spool(tmp_path, segment_bytes=8 << 20, max_bytes=64 << 20)
+    for start in range(0, 6000, 500):
+        assert s.append(docs(start, 500, size=1000))
+    (segment,) = tmp_path.glob("*.seg")
+    assert segment.stat().st_size > 6 << 20
+    tracemalloc.start()
+    try:
+        for _ in range(3):
+            before, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            batch = s.read(100, 1 << 20)
+            _, peak = tracemalloc.get_traced_memory()
+            batch_bytes = sum(len(i.doc.body) for i in batch)
+            del batch
+            after, _ = tracemalloc.get_traced_memory()
+            assert peak - before < 2 * batch_bytes + 4 * READ_CHUNK, (peak - before, batch_bytes)
+            assert after - before < READ_CHUNK // 4, "the read kept part of the segment"
+    finally:
+        tracemalloc.stop()
+    assert [d.doc_id for d in replay_all(s, batch=1000)] == [f"d{n}" for n in range(6000)]
+
+
+def test_reads_smaller_than_a_record_change_nothing(tmp_path: Path) -> None:
+    # A window of a few bytes: every record and every resync crosses window edges.
+    sizes = [10, 3000, 40, 700, 5, 12000, 300, 80, 2500, 9]
+    written = [d for n, size in enumerate(sizes) for d in docs(n, 1, size=size)]
+    s = spool(tmp_path, segment_bytes=1 << 20, read_chunk=16)
+    assert s.append(written)
+    s.close()
+    (segment,) = tmp_path.glob("*.seg")
+    data = bytearray(segment.read_bytes())
+    starts = [i for i in range(len(data)) if data[i:i + 4] == MAGIC]
+    data[starts[1] + 2000] ^= 0xFF  # the large record 1: its resync reads past many windows
+    data[starts[5] + 30] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    again = spool(tmp_path, read_chunk=16)
+    assert again.damaged and again.stats.corrupt_records == 2 and again.pending == 8
+    assert again.read(3, 1 << 20) == again.read(3, 1 << 20)  # the same until committed
+    assert again.stats.corrupt_records == 2  # each damaged record is counted once
+    assert [d.doc_id for d in replay_all(again, batch=3)] == [
+        f"d{n}" for n in range(len(sizes)) if n not in (1, 5)]
+    assert list(tmp_path.glob("*.seg")) == []
+
+
+def test_damage_found_while_replaying_in_small_reads_is_counted_once(tmp_path: Path) -> None:
+    s = spool(tmp_path, segment_bytes=1 << 20, read_chunk=16)
+    assert s.append(docs(0, 10, size=200))
+    segment = next(tmp_path.glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    starts = [i for i in range(len(data)) if data[i:i + 4] == MAGIC]
+    data[starts[0] + 50] ^= 0xFF
+    data[starts[4] + 50] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    first = s.read(6, 1 << 20)
+    assert [i.doc.doc_id for i in first] == ["d1", "d2", "d3", "d5", "d6", "d7"]
+    assert s.read(6, 1 << 20) == first and s.stats.corrupt_records == 2
+    s.commit(first)
+    assert [d.doc_id for d in replay_all(s)] == ["d8", "d9"]
+    assert s.stats.corrupt_records == 2 and s.damaged and s.pending == 0
 
 
 def test_garbage_segment_never_stops_the_spool(tmp_path: Path) -> None:
