@@ -134,7 +134,7 @@ class Spool:
             self.damaged = True
             try:
                 (self.folder / DAMAGE_MARK).touch()
-                _fsync_folder(self.folder)
+                durable.fsync_folder(self.folder)
             except OSError as exc:
                 log.error("spool_damage_unmarked", folder=str(self.folder), error=str(exc),
                           action="a restart before the lost lines are read again will not know "
@@ -224,7 +224,7 @@ class Spool:
                 os.ftruncate(self._fd, segment.size)
             raise
         if segment.size == 0 and segment.records == 0:
-            _fsync_folder(self.folder)
+            durable.fsync_folder(self.folder)
         segment.size += size
         segment.records += len(docs)
         self.stats.records += len(docs)
@@ -373,7 +373,7 @@ def migrate_folders(root: Path, databases: Iterable[str]) -> None:
             new.mkdir(parents=True, exist_ok=True)
             for segment in sorted(old.glob(f"*{SUFFIX}")):
                 segment.rename(new / segment.name)
-            _fsync_folder(new)
+            durable.fsync_folder(new)
             log.info("spool_migrated", database=names[0], old=str(old), new=str(new))
         except OSError as exc:
             log.error("spool_migration_failed", folder=str(old), error=str(exc),
@@ -458,11 +458,3 @@ class _Window:
             # The last bytes again: a MAGIC may straddle two spans.
             at += max(1, len(span) - len(MAGIC) + 1)
         return self.size
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
