@@ -49,28 +49,37 @@ class Verdict(enum.Enum):
     """No usable answer (a server error, a proxy's page): the batch is kept and sent again."""
 
 
-def verdict(status: int, body: bytes) -> Verdict:
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A `_bulk_docs` response, its body parsed once: the results of a big batch are the
+    costliest JSON the agent reads, so the verdict and the per-document results share it."""
+
+    status: int
+    body: bytes
+    json: Any
+    """The body as JSON; None if it is not JSON."""
+
+    @classmethod
+    def of(cls, status: int, body: bytes) -> Answer:
+        return cls(status, body, parse(body))
+
+
+def verdict(answer: Answer) -> Verdict:
     """What to do with a `_bulk_docs` answer. A 400 or 413 means the content is at fault only
     when CouchDB says so (a JSON error): a proxy's HTML page is a failed request. So is a 201
     without CouchDB's list of results: it says nothing about any document, and charging each
     document a retry for it would dead-letter them all."""
+    status, parsed = answer.status, answer.json
     if status in (201, 202):
-        return Verdict.RESULTS if isinstance(parse(body), list) else Verdict.FAILED
+        return Verdict.RESULTS if isinstance(parsed, list) else Verdict.FAILED
     if status in (400, 413):
-        return Verdict.SPLIT if couchdb_error(body) is not None else Verdict.FAILED
+        return Verdict.SPLIT if isinstance(parsed, dict) and isinstance(parsed.get("error"), str) \
+            else Verdict.FAILED
     if status in (401, 403):
         return Verdict.REFUSED
     if status == 404:
         return Verdict.MISSING
     return Verdict.FAILED
-
-
-def couchdb_error(body: bytes) -> str | None:
-    """The `error` of a CouchDB error body (`{"error": ..., "reason": ...}`), else None."""
-    parsed = parse(body)
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-        return str(parsed["error"])
-    return None
 
 
 def describe(body: bytes) -> str:

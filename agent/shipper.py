@@ -24,17 +24,17 @@ import aiohttp
 import structlog
 
 from agent.bulk import (
+    Answer,
     Outcome,
     RetryBudget,
     Verdict,
     bulk_body,
     classify_results,
     describe,
-    parse,
     verdict,
 )
 from agent.config import CouchDBConfig, ShippingConfig
-from agent.couchdb import CouchDBClient, Endpoint, Response, ssl_context
+from agent.couchdb import CouchDBClient, Endpoint, ssl_context
 from agent.deadletter import DeadLetterFile, Rejection
 from agent.health import Event, Health, HealthState, backoff
 from agent.queue import DocumentQueue
@@ -245,7 +245,7 @@ class Shipper:
         while work:
             batch = work.popleft()
             try:
-                response = await self._post(batch)
+                answer = await self._post(batch)
             except Refused as refused:
                 tried.add(refused.target)
                 self._went_down(refused.target)
@@ -253,17 +253,17 @@ class Shipper:
                     work.appendleft(batch)  # the next URL, before the spool
                     continue
                 return Sent(retry, batch + [d for rest in work for d in rest])
-            if verdict(response.status, response.body) is Verdict.SPLIT:
-                await self._split(batch, work, f"HTTP {response.status}", describe(response.body),
+            if verdict(answer) is Verdict.SPLIT:
+                await self._split(batch, work, f"HTTP {answer.status}", describe(answer.body),
                                   replayed)
                 continue
-            outcome = classify_results(batch, parse(response.body))
+            outcome = classify_results(batch, answer.json)
             await self._settle(outcome, replayed)
             retry += outcome.retry
         self._went_up()
         return Sent(retry)
 
-    async def _post(self, batch: list[Document]) -> Response:
+    async def _post(self, batch: list[Document]) -> Answer:
         """POST one `_bulk_docs`; the answer if it has results or asks for a split, else raise
         Refused. A missing database is created once; missing again right after, it counts as a
         failed request (backoff), not as a reason to send again at once."""
@@ -277,10 +277,11 @@ class Shipper:
             if response.error is not None:
                 self._failed(target, "unreachable", response.error)
                 raise Refused(index)
-            kind = verdict(response.status, response.body)
+            answer = Answer.of(response.status, response.body)
+            kind = verdict(answer)
             if kind in (Verdict.RESULTS, Verdict.SPLIT):
                 self._url_up(index)
-                return response
+                return answer
             error = f"HTTP {response.status} {describe(response.body)}"
             if kind is Verdict.MISSING and not created:
                 created = True

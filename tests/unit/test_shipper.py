@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from agent.bulk import RetryBudget, Verdict, bulk_body, classify_results, verdict
+from agent.bulk import Answer, RetryBudget, Verdict, bulk_body, classify_results, verdict
 from agent.config import CouchDBConfig
 from agent.couchdb import basic_auth, connection_limit, endpoints, ssl_context
 from agent.types import Document, FileId, SourceFile
@@ -60,20 +60,23 @@ def test_credentials_are_split_off_the_url() -> None:
 
 
 def test_only_a_couchdb_error_body_splits_a_refused_batch() -> None:
+    def verdict_of(status: int, body: bytes) -> Verdict:
+        return verdict(Answer.of(status, body))
+
     couch = b'{"error":"bad_request","reason":"Document must be a JSON object"}'
     html = b"<html><body><h1>400 Bad Request</h1>nginx</body></html>"
-    assert verdict(400, couch) is Verdict.SPLIT
-    assert verdict(413, b'{"error":"too_large","reason":"the request entity is too large"}') \
+    assert verdict_of(400, couch) is Verdict.SPLIT
+    assert verdict_of(413, b'{"error":"too_large","reason":"the request entity is too large"}') \
         is Verdict.SPLIT
     for status in (400, 413):
-        assert verdict(status, html) is Verdict.FAILED
-        assert verdict(status, b"") is Verdict.FAILED
-        assert verdict(status, b'["error"]') is Verdict.FAILED
-    assert verdict(201, b"[]") is Verdict.RESULTS and verdict(202, b"[]") is Verdict.RESULTS
-    assert verdict(201, html) is Verdict.FAILED and verdict(201, b"{\"ok\":true}") is Verdict.FAILED
-    assert verdict(401, b"") is Verdict.REFUSED and verdict(403, b"") is Verdict.REFUSED
-    assert verdict(404, couch) is Verdict.MISSING
-    assert verdict(500, couch) is Verdict.FAILED and verdict(502, html) is Verdict.FAILED
+        assert verdict_of(status, html) is Verdict.FAILED
+        assert verdict_of(status, b"") is Verdict.FAILED
+        assert verdict_of(status, b'["error"]') is Verdict.FAILED
+    assert verdict_of(201, b"[]") is Verdict.RESULTS and verdict_of(202, b"[]") is Verdict.RESULTS
+    assert verdict_of(201, html) is Verdict.FAILED and verdict_of(201, b"{\"ok\":true}") is Verdict.FAILED
+    assert verdict_of(401, b"") is Verdict.REFUSED and verdict_of(403, b"") is Verdict.REFUSED
+    assert verdict_of(404, couch) is Verdict.MISSING
+    assert verdict_of(500, couch) is Verdict.FAILED and verdict_of(502, html) is Verdict.FAILED
 
 
 def test_per_document_errors_are_retried_a_bounded_number_of_times() -> None:
