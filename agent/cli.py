@@ -2,6 +2,10 @@
 
 Exit codes: 0 success, 1 a runtime failure, 2 a configuration or usage
 error (with the file and key path), 3 the daemon could not start.
+
+Each command's own module (the daemon, setup, send, report) is imported by its
+handler, not here: `agent run` stays resident for months and need not carry the
+others' code and libraries (a few MiB of the 64 MiB it may use).
 """
 
 from __future__ import annotations
@@ -18,10 +22,6 @@ import orjson
 import structlog
 
 from agent import config as config_module
-from agent import fleet as fleet_module
-from agent import report as report_module
-from agent import send as send_module
-from agent import setup as setup_module
 from agent.config import DEFAULT_CONFIG_PATH, ConfigError, LogLevel, Problem, SourceConfig
 from agent.counters import SourceCounters
 from agent.globs import expand
@@ -103,18 +103,89 @@ def _arguments() -> argparse.ArgumentParser:
 
     setup = command("setup", "prepare CouchDB for couchlog (databases, users, roles, security, "
                     "settings), idempotently; or render the nginx front (--nginx)")
-    setup_module.add_arguments(setup)
+    _setup_arguments(setup)
     setup.set_defaults(handler=_setup)
 
     send = command("send", "send lines (JSON, or parsed by a source) to CouchDB once; exit 0 only "
                    "when every line is stored; a summary goes to stderr")
-    send_module.add_arguments(send)
+    _send_arguments(send)
     send.set_defaults(handler=_send)
     _report_arguments(command)
     return parser
 
 
+def _setup_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="CouchDB URL (default: the first couchdb.url of the config)")
+    parser.add_argument("--admin", default="admin", help="server admin's name (default admin)")
+    parser.add_argument("--admin-password-file", type=Path, metavar="FILE",
+                        help="file holding the admin's password (else $COUCHLOG_ADMIN_PASSWORD, "
+                        "else a prompt on a terminal)")
+    parser.add_argument("--ca-file", type=Path, metavar="FILE", help="CA certificate for https URLs")
+    parser.add_argument("--db", action="append", default=[], metavar="NAME",
+                        help="database to set up (repeatable; default: the sources' databases)")
+    parser.add_argument("--shards", type=int, metavar="Q", help="shards of a new database (cluster)")
+    parser.add_argument("--replicas", type=int, metavar="N",
+                        help="copies of each shard of a new database (cluster)")
+    parser.add_argument("--agent-user", help="an agent's user (default: couchdb.username of -c)")
+    parser.add_argument("--agent-password-file", type=Path, metavar="FILE",
+                        help="its password (default: the config's)")
+    parser.add_argument("--public-user", default="couchlog_public",
+                        help="the user whose credentials nginx injects for anonymous writes")
+    parser.add_argument("--public-password-file", type=Path, metavar="FILE",
+                        help="its password (needed to create it and to render --nginx)")
+    parser.add_argument("--reader", default="couchlog_reader", help="a user who may read")
+    parser.add_argument("--reader-password-file", type=Path, metavar="FILE",
+                        help="its password (the reader is created only with it)")
+    parser.add_argument("--js-engine", choices=["quickjs", "spidermonkey"], default="quickjs",
+                        help="CouchDB 3.4+ JavaScript engine (default quickjs: views build ~20x "
+                        "faster)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would change; change "
+                        "nothing")
+    parser.add_argument("--replicate-to", metavar="URL",
+                        help="keep a continuous copy of every log database on this server")
+    parser.add_argument("--replicate-password-file", type=Path, metavar="FILE",
+                        help="password of the user in --replicate-to")
+    parser.add_argument("--replication-status", action="store_true",
+                        help="list the state of couchlog's replications and exit")
+    nginx = parser.add_argument_group("the nginx front (--nginx renders it; nothing else is done)")
+    nginx.add_argument("--nginx", action="store_true", help="render nginx's configuration")
+    nginx.add_argument("--server-name", default="_", help="nginx server_name")
+    nginx.add_argument("--cert", help="TLS certificate file (full chain)")
+    nginx.add_argument("--key", help="TLS private key file")
+    nginx.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here, not stdout")
+    nginx.add_argument("--upstream", action="append", default=[], metavar="HOST:PORT",
+                       help="CouchDB node behind nginx (repeatable; default: the --url's)")
+    nginx.add_argument("--bind", default="", metavar="ADDRESS", help="address nginx listens on")
+    nginx.add_argument("--http-port", type=int, default=80)
+    nginx.add_argument("--https-port", type=int, default=443)
+    nginx.add_argument("--max-body-size", default="16m", help="nginx client_max_body_size")
+    nginx.add_argument("--template", type=Path, default=None, metavar="FILE",
+                       help="the template (default: nginx/couchlog.conf.template of couchlog)")
+
+
+def _send_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="*", metavar="FILE", help="input files (default, or -: stdin)")
+    parser.add_argument("--db", help="database (default: the source's, with --source)")
+    parser.add_argument("--source", help="parse with this source of the config (-c); without it, "
+                        "each line is a JSON object")
+    parser.add_argument("--url", help="CouchDB or front URL, credentials allowed (default: the "
+                        "config's first couchdb.url and its user)")
+    parser.add_argument("--ca-file", type=Path, metavar="FILE", help="CA certificate for https")
+    parser.add_argument("--batch-size", type=int, default=500, metavar="N",
+                        help="documents per _bulk_docs request (default 500)")
+    parser.add_argument("--retries", type=int, default=5, metavar="N",
+                        help="attempts per batch after the first, with backoff (default 5)")
+    parser.add_argument("--name", metavar="NAME", help="what names the input in the ids (default: "
+                        "the file's absolute path; stdin is a new input on every run): the same "
+                        "name and content give the same ids")
+    parser.add_argument("--random-ids", action="store_true",
+                        help="let CouchDB choose the ids (a rerun then stores every line again)")
+
+
 def _setup(args: argparse.Namespace) -> int:
+    from agent import report as report_module
+    from agent import setup as setup_module
+
     path = _config_path(args)
     config = config_module.load(path) if args.config is not None or path.exists() else None
     # Every log database gets the shipped reports; the dashboard has a database of its own.
@@ -124,6 +195,8 @@ def _setup(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
+    from agent import send as send_module
+
     path = _config_path(args)
     config = config_module.load(path) if args.config is not None or path.exists() else None
     return send_module.command(args, config)
@@ -291,6 +364,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _parse(args: argparse.Namespace) -> int:
+    from agent import send as send_module
+
     source = _parse_source(args)
     counters = SourceCounters()
     parser = SourceParser(source, host="", counters=counters)
@@ -391,6 +466,9 @@ def _report_arguments(command: Any) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from agent import fleet as fleet_module
+    from agent import report as report_module
+
     url, database, user, password_file = args.url, args.db, args.user, args.password_file
     fleet_interval = fleet_module.INTERVAL
     if args.config is not None:

@@ -44,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import unquote
 
 import aiohttp
@@ -58,7 +58,6 @@ from agent.counters import SourceCounters
 from agent.deadletter import DeadLetterFile
 from agent.fleet import FleetWriter, fleet_document
 from agent.health import Health
-from agent.metrics import Metrics, MetricsServer
 from agent.notify import SystemdNotifier
 from agent.offsets import OffsetStore, StateFile
 from agent.parser import LineContext, SourceParser
@@ -71,6 +70,9 @@ from agent.supervisor import Failures, Part, describe
 from agent.tailer import Tailer, TailerSet
 from agent.types import Lines, LineSink, SourceFile
 from agent.watcher import Watcher, scan
+
+if TYPE_CHECKING:
+    from agent.metrics import Metrics, MetricsServer
 
 log = structlog.get_logger("agent.daemon")
 
@@ -169,7 +171,8 @@ class Agent:
         """systemd's notify socket (a no-op without NOTIFY_SOCKET)."""
         self._summary = ""
         """The last summary sent as STATUS=."""
-        self.metrics = Metrics(self.status)
+        self.metrics: Metrics | None = None
+        """Only with `metrics.listen`: the registry costs nothing when nobody scrapes it."""
         self._metrics_server: MetricsServer | None = None
         self._fleet: FleetWriter | None = None
         self._fleet_task: asyncio.Task[None] | None = None
@@ -221,9 +224,7 @@ class Agent:
             queue = DocumentQueue(cfg.shipping.queue_max_docs, cfg.shipping.queue_max_bytes)
             shipper = Shipper(database, queue, spool, self._session, targets, cfg.couchdb,
                               cfg.shipping, self.offsets.acknowledge, dead_letter)
-            self.queues[database] = queue
-            self.shippers[database] = shipper
-            shipper.client.observe = functools.partial(self.metrics.observe_request, database)
+            self._add_shipper(database, queue, shipper)
             self._spawn(f"shipper:{database}", self._keep_running(
                 ("shipper", database), shipper.run, shipper.spool_remaining))
         await self._open_leftover_spools()
@@ -252,7 +253,18 @@ class Agent:
                                       cfg.couchdb.request_timeout, ssl=ssl_context(cfg.couchdb))
             self._write_fleet("start")
 
+    def _add_shipper(self, database: str, queue: DocumentQueue, shipper: Shipper) -> None:
+        self.queues[database] = queue
+        self.shippers[database] = shipper
+        if self.metrics is not None:
+            shipper.client.observe = functools.partial(self.metrics.observe_request, database)
+
     async def _start_metrics(self, host: str, port: int) -> None:
+        # Imported here: prometheus_client and aiohttp's web server take ~3 MiB resident, and
+        # most agents never serve metrics.
+        from agent.metrics import Metrics, MetricsServer
+
+        self.metrics = Metrics(self.status)
         server = MetricsServer(host, port, self.metrics, self._health)
         try:
             await server.start()
@@ -753,8 +765,7 @@ class Agent:
         shipper = Shipper(database, queue, spool, self._session, endpoints(cfg.couchdb),
                           cfg.couchdb, cfg.shipping, self.offsets.acknowledge,
                           DeadLetterFile(cfg.state_dir))
-        self.queues[database] = queue
-        self.shippers[database] = shipper
+        self._add_shipper(database, queue, shipper)
         self._spawn(f"shipper:{database}", self._keep_running(
             ("shipper", database), shipper.run, shipper.spool_remaining))
         log.info("database_added", database=database)

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
@@ -69,25 +68,6 @@ class Tally:
     first_refusal: str = ""
     unsent: int = 0
     requests: int = 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="*", metavar="FILE", help="input files (default, or -: stdin)")
-    parser.add_argument("--db", help="database (default: the source's, with --source)")
-    parser.add_argument("--source", help="parse with this source of the config (-c); without it, "
-                        "each line is a JSON object")
-    parser.add_argument("--url", help="CouchDB or front URL, credentials allowed (default: the "
-                        "config's first couchdb.url and its user)")
-    parser.add_argument("--ca-file", type=Path, metavar="FILE", help="CA certificate for https")
-    parser.add_argument("--batch-size", type=int, default=500, metavar="N",
-                        help="documents per _bulk_docs request (default 500)")
-    parser.add_argument("--retries", type=int, default=5, metavar="N",
-                        help="attempts per batch after the first, with backoff (default 5)")
-    parser.add_argument("--name", metavar="NAME", help="what names the input in the ids (default: "
-                        "the file's absolute path; stdin is a new input on every run): the same "
-                        "name and content give the same ids")
-    parser.add_argument("--random-ids", action="store_true",
-                        help="let CouchDB choose the ids (a rerun then stores every line again)")
 
 
 @dataclass(frozen=True, slots=True)

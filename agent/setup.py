@@ -610,55 +610,6 @@ def render_nginx(template: str, front: Front) -> str:
 # -- the command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="CouchDB URL (default: the first couchdb.url of the config)")
-    parser.add_argument("--admin", default="admin", help="server admin's name (default admin)")
-    parser.add_argument("--admin-password-file", type=Path, metavar="FILE",
-                        help="file holding the admin's password (else $COUCHLOG_ADMIN_PASSWORD, "
-                        "else a prompt on a terminal)")
-    parser.add_argument("--ca-file", type=Path, metavar="FILE", help="CA certificate for https URLs")
-    parser.add_argument("--db", action="append", default=[], metavar="NAME",
-                        help="database to set up (repeatable; default: the sources' databases)")
-    parser.add_argument("--shards", type=int, metavar="Q", help="shards of a new database (cluster)")
-    parser.add_argument("--replicas", type=int, metavar="N",
-                        help="copies of each shard of a new database (cluster)")
-    parser.add_argument("--agent-user", help="an agent's user (default: couchdb.username of -c)")
-    parser.add_argument("--agent-password-file", type=Path, metavar="FILE",
-                        help="its password (default: the config's)")
-    parser.add_argument("--public-user", default="couchlog_public",
-                        help="the user whose credentials nginx injects for anonymous writes")
-    parser.add_argument("--public-password-file", type=Path, metavar="FILE",
-                        help="its password (needed to create it and to render --nginx)")
-    parser.add_argument("--reader", default="couchlog_reader", help="a user who may read")
-    parser.add_argument("--reader-password-file", type=Path, metavar="FILE",
-                        help="its password (the reader is created only with it)")
-    parser.add_argument("--js-engine", choices=["quickjs", "spidermonkey"], default="quickjs",
-                        help="CouchDB 3.4+ JavaScript engine (default quickjs: views build ~20x "
-                        "faster)")
-    parser.add_argument("--dry-run", action="store_true", help="print what would change; change "
-                        "nothing")
-    parser.add_argument("--replicate-to", metavar="URL",
-                        help="keep a continuous copy of every log database on this server")
-    parser.add_argument("--replicate-password-file", type=Path, metavar="FILE",
-                        help="password of the user in --replicate-to")
-    parser.add_argument("--replication-status", action="store_true",
-                        help="list the state of couchlog's replications and exit")
-    nginx = parser.add_argument_group("the nginx front (--nginx renders it; nothing else is done)")
-    nginx.add_argument("--nginx", action="store_true", help="render nginx's configuration")
-    nginx.add_argument("--server-name", default="_", help="nginx server_name")
-    nginx.add_argument("--cert", help="TLS certificate file (full chain)")
-    nginx.add_argument("--key", help="TLS private key file")
-    nginx.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here, not stdout")
-    nginx.add_argument("--upstream", action="append", default=[], metavar="HOST:PORT",
-                       help="CouchDB node behind nginx (repeatable; default: the --url's)")
-    nginx.add_argument("--bind", default="", metavar="ADDRESS", help="address nginx listens on")
-    nginx.add_argument("--http-port", type=int, default=80)
-    nginx.add_argument("--https-port", type=int, default=443)
-    nginx.add_argument("--max-body-size", default="16m", help="nginx client_max_body_size")
-    nginx.add_argument("--template", type=Path, default=NGINX_TEMPLATE, metavar="FILE",
-                       help="the template (default: nginx/couchlog.conf.template of couchlog)")
-
-
 def command(args: argparse.Namespace, config: AgentConfig | None,
             design_documents: Sequence[dict[str, Any]] = (),
             dashboard_documents: Sequence[dict[str, Any]] = ()) -> int:
@@ -801,9 +752,10 @@ def _nginx(args: argparse.Namespace, url: str | None, problems: list[Problem]) -
     password = ("" if args.public_password_file is None else
                 _read_secret(args.public_password_file, "--public-password-file", problems))
     try:
-        template = args.template.read_text(encoding="utf-8")
+        template = (args.template or NGINX_TEMPLATE).read_text(encoding="utf-8")
     except OSError as exc:
-        problems.append(Problem(args.template, "--template", f"cannot read it: {exc.strerror}"))
+        problems.append(Problem(args.template or NGINX_TEMPLATE, "--template",
+                                f"cannot read it: {exc.strerror}"))
     if problems:
         raise ConfigError(problems)
     front = Front(args.server_name, args.cert, args.key, tuple(upstreams), args.public_user,
