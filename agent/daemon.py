@@ -150,9 +150,9 @@ class Agent:
         self.save_barrier = SaveBarrier()
         """Tailers wait there, once per file, for a save that can recognize a copy of it."""
         self._saving = asyncio.Lock()
+        """One save at a time: the tick's and those tailers ask for write the same temp file."""
         self._saver: asyncio.Task[None] | None = None
         """Saves the offsets when tailers wait for it; stopped once the tailers are."""
-        """One save at a time: the tick's and those tailers ask for write the same temp file."""
         self.status_file = StatusFile(config.state_dir)
         self.started_at = time.time()
         self.queues: dict[str, DocumentQueue] = {}
