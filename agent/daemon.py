@@ -59,7 +59,7 @@ from agent.deadletter import DeadLetterFile
 from agent.fleet import FleetWriter, fleet_document
 from agent.health import Health
 from agent.notify import SystemdNotifier
-from agent.offsets import OffsetStore, StateFile
+from agent.offsets import OffsetStore, SaveBarrier, StateFile
 from agent.parser import LineContext, SourceParser
 from agent.queue import DocumentQueue
 from agent.ratelimit import RepeatedFailure
@@ -94,6 +94,8 @@ READ_BUDGET_CHUNKS = 2
 about four times its size in documents, and a thousand files catching up at once must not
 each hold one (issue 13 item 7). Two let one file's read run in its thread while another's
 chunk is parsed; one file alone never holds more than one."""
+SAVE_GATHER = 0.02
+"""Seconds a save a tailer asked for waits for other tailers to ask too (one save for all)."""
 STABLE_AFTER = 10.0
 """Seconds a restarted shipper or watcher must run without failing to count as recovered."""
 TASKS_WAIT = 5.0
@@ -147,6 +149,12 @@ class Agent:
         self.offsets = OffsetStore()
         self.state_file = StateFile(config.state_dir)
         self._save_failures = RepeatedFailure(log, "state_save_failed")
+        self.save_barrier = SaveBarrier()
+        """Tailers wait there, once per file, for a save that can recognize a copy of it."""
+        self._saving = asyncio.Lock()
+        """One save at a time: the tick's and those tailers ask for write the same temp file."""
+        self._saver: asyncio.Task[None] | None = None
+        """Saves the offsets when tailers wait for it; stopped once the tailers are."""
         self.status_file = StatusFile(config.state_dir)
         self.started_at = time.time()
         self.queues: dict[str, DocumentQueue] = {}
@@ -230,7 +238,9 @@ class Agent:
         await self._open_leftover_spools()
         self._tailers = TailerSet(self._tailer_task, cfg.sources,
                                   {s.name: self._sink(s) for s in cfg.sources}, self.offsets,
-                                  start_at, read_budget=self.read_budget)
+                                  start_at, read_budget=self.read_budget,
+                                  saves=self.save_barrier)
+        self._saver = self._group_task(self._save_when_wanted())
         watcher = Watcher(cfg.sources, self._tailers, cfg.scan_interval, cfg.poll_interval,
                           cfg.state_dir)
         await watcher.start()
@@ -394,16 +404,30 @@ class Agent:
                 + sum(s.stats.requests + s.stats.spooled for s in self.shippers.values()))
 
     async def _save_offsets(self) -> None:
-        try:
-            await asyncio.to_thread(self.state_file.save, self.offsets.snapshot())
-        except OSError as exc:
-            self.offsets.dirty = True
-            self._save_failures.failed(
-                path=str(self.state_file.path), error=str(exc),
-                action="free space or fix permissions there; until then a restart reads "
-                "again from the last saved offsets (nothing is lost or doubled)")
-        else:
-            self._save_failures.succeeded(path=str(self.state_file.path))
+        async with self._saving:
+            number = self.save_barrier.taking()
+            try:
+                await asyncio.to_thread(self.state_file.save, self.offsets.snapshot())
+            except OSError as exc:
+                self.offsets.dirty = True
+                self.save_barrier.failed(str(exc))
+                self._save_failures.failed(
+                    path=str(self.state_file.path), error=str(exc),
+                    action="free space or fix permissions there; until then a restart reads "
+                    "again from the last saved offsets (nothing is lost or doubled), and new "
+                    "files are not shipped")
+            else:
+                self.save_barrier.saved(number)
+                self._save_failures.succeeded(path=str(self.state_file.path))
+
+    async def _save_when_wanted(self) -> None:
+        """Save the offsets as soon as a tailer waits for it, not at the next tick; the
+        tailers that come meanwhile share the save (a thousand new files: a few saves)."""
+        while True:
+            await self.save_barrier.wanted.wait()
+            await asyncio.sleep(SAVE_GATHER)
+            self.save_barrier.wanted.clear()
+            await self._save_offsets()
 
     async def shutdown(self) -> None:
         log.info("agent_stopping", force=self.force_exit)
@@ -419,6 +443,9 @@ class Agent:
             await self._settle_tasks([watcher])
         if self._tailers is not None:
             await self._tailers.stop()
+        if self._saver is not None:
+            self._saver.cancel("agent stopping: no tailer waits for a save any more")
+            await self._settle_tasks([self._saver])
         reason = "agent stopping"
         if not self.force_exit and not await self._drain():
             reason = "agent stopping: shutdown_timeout passed"
@@ -824,6 +851,13 @@ class Agent:
                     {"path": where["path"], "error": failure.error, "since": failure.since})
             else:
                 failing.append({"part": part[0], **where, **failure.as_dict()})
+        barrier = self.save_barrier
+        if barrier.error is not None and barrier.failing_since is not None:
+            failing.append({
+                "part": "offsets", "since": barrier.failing_since,
+                "failures": self._save_failures.failures,
+                "error": f"cannot save {self.state_file.path}: {barrier.error}; "
+                         f"{barrier.waiting} file(s) wait for it before their lines are shipped"})
         return {
             "pid": os.getpid(), "started_at": self.started_at, "updated_at": time.time(),
             "watch": self._watcher.mode if self._watcher else "starting",

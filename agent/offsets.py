@@ -12,17 +12,22 @@ of the folder. A state file that cannot be read is moved aside and
 reported; the agent then starts where `on_corrupt_state` says: from the
 beginning of each file by default, which re-sends documents CouchDB already
 has and answers with `conflict`.
+
+`SaveBarrier` makes a tailer wait, once per file, until the saved state holds a mark a copy
+of the file can be recognized by, before the file's documents go out: otherwise a kill -9
+before the next save, then a copy-truncate, ships the copy again under new ids.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,9 +36,13 @@ import orjson
 import structlog
 
 from agent import durable
+from agent.identity import FINGERPRINT_BYTES, MARKER_BYTES
 from agent.types import FILE_START, Ack, Checkpoint, Document, SourceFile
 
 STATE_VERSION = 1
+MIN_COPY_OFFSET = FINGERPRINT_BYTES + MARKER_BYTES
+"""The least offset of a marker a copy is recognized by: past the fingerprinted first line, so
+that files that merely start with the same banner are never taken for copies."""
 StateStatus = Literal["ok", "absent", "corrupt"]
 log = structlog.get_logger("agent.offsets")
 
@@ -59,8 +68,13 @@ class FileProgress:
     """Read positions reported with their markers, not yet all acknowledged."""
     live: bool = False
     read: Checkpoint = FILE_START
-    """Where the last reader stopped, and the marker there (not saved): lets a copy of the file
-    made before it was truncated be recognized even when acks lag behind reading."""
+    """A point the file held when it was read (where the last reader stopped, or the mark set
+    before its documents first went out), and the marker there; saved: lets a copy of the file
+    made before it was truncated be recognized even when acks lag behind reading, also after
+    a kill -9."""
+    recognizable: bool = False
+    """Whether the saved state holds a mark of this file at MIN_COPY_OFFSET or past it (the
+    checkpoint or `read`): a copy of the file is then recognized at the next start."""
 
     @property
     def committed(self) -> int:
@@ -108,6 +122,8 @@ class OffsetStore:
             # Acks still in flight from an earlier reader of these bytes (a copy's original)
             # count: the same offset in the same file id is the same document.
             new.acked = progress.acked
+            # The saved mark stays in the state file: what it shipped may still be copied.
+            new.read, new.recognizable = progress.read, progress.recognizable
         self.files[file] = new
 
     def detach(self, file: SourceFile, read: Checkpoint) -> None:
@@ -117,7 +133,22 @@ class OffsetStore:
         if progress is not None:
             progress.live = False
             progress.updated = time.time()
-            progress.read = read
+            if read.marker is not None and read.marker_offset >= progress.read.marker_offset:
+                progress.read = read
+
+    def mark_read(self, file: SourceFile, point: Checkpoint) -> None:
+        """The file held `point` (its marker checked) before its documents go out: the next
+        save keeps it as the mark a copy of the file is recognized by."""
+        progress = self.files.get(file)
+        if progress is not None and point.marker_offset >= progress.read.marker_offset:
+            progress.read = point
+            self.dirty = True
+
+    def covered(self, file: SourceFile) -> None:
+        """A save that holds the file's mark (`mark_read`) succeeded."""
+        progress = self.files.get(file)
+        if progress is not None and (_usable(progress.read) or _usable(progress.checkpoint)):
+            progress.recognizable = True
 
     def expect(self, file: SourceFile, doc_ends: Sequence[int], read_to: int,
                read_to_marker: str) -> None:
@@ -177,6 +208,9 @@ class OffsetStore:
             elif file.source in names and p.delivered is None and p.committed > 0:
                 p.checkpoint = FILE_START
                 moved.append(file)
+            else:
+                continue
+            p.recognizable = _usable(p.read) or _usable(p.checkpoint)
         if moved:
             self.dirty = True
         return moved
@@ -227,10 +261,73 @@ class OffsetStore:
             "files": {
                 str(f): {"path": p.path, "offset": p.committed, "updated": round(p.updated, 3),
                          "marker_offset": p.checkpoint.marker_offset, "marker": p.checkpoint.marker,
-                         "delivered": None if p.delivered is None else list(p.delivered)}
+                         "delivered": None if p.delivered is None else list(p.delivered),
+                         **({"read": list(p.read)} if _usable(p.read) else {})}
                 for f, p in self.files.items()
             },
         }
+
+
+class SaveBarrier:
+    """Lets tailers wait until the offsets are saved; one save serves every waiter.
+
+    A tailer sets its file's mark (`OffsetStore.mark_read`) and waits (`wait`) for a save
+    of a snapshot taken after that: only then may the file's documents go out. The waiters
+    ask for a save at once (`wanted`: the agent saves then, not at its next tick); while
+    saves fail, they wait for the tick's retries, and the status says why (`error`)."""
+
+    def __init__(self) -> None:
+        self.wanted = asyncio.Event()
+        """Set while a tailer waits for a save not yet started."""
+        self.waiting = 0
+        """Tailers waiting now."""
+        self.error: str | None = None
+        """Why the last save failed; None once one succeeds."""
+        self.failing_since: float | None = None
+        self._taken = 0
+        self._saved = 0
+        self._outcome: asyncio.Future[None] | None = None
+
+    def taking(self) -> int:
+        """A snapshot is taken to be saved: its number (what a waiter waits for)."""
+        self._taken += 1
+        return self._taken
+
+    def saved(self, number: int) -> None:
+        self._saved = max(self._saved, number)
+        self.error = self.failing_since = None
+        self._tell()
+
+    def failed(self, error: str) -> None:
+        self.error = error
+        if self.failing_since is None:
+            self.failing_since = time.time()
+        self._tell()
+
+    async def wait(self, stopping: Callable[[], bool]) -> bool:
+        """Until a snapshot taken after this call is saved (True), or, after a save attempt,
+        `stopping()` says to give up (False). Cancelling it cancels no other waiter."""
+        wanted = self._taken + 1
+        self.waiting += 1
+        self.wanted.set()
+        try:
+            while self._saved < wanted:
+                if stopping():
+                    return False
+                if self._outcome is None:
+                    self._outcome = asyncio.get_running_loop().create_future()
+                # Not `await future`: a waiter cancelled (the agent stops) would cancel it
+                # for every other waiter.
+                await asyncio.wait({self._outcome})
+            return True
+        finally:
+            self.waiting -= 1
+
+    def _tell(self) -> None:
+        """A save succeeded or failed: every waiter looks again."""
+        outcome, self._outcome = self._outcome, None
+        if outcome is not None and not outcome.done():
+            outcome.set_result(None)
 
 
 class StateFile:
@@ -336,4 +433,14 @@ def _progress(entry: dict[str, Any]) -> FileProgress:
         progress.delivered = Checkpoint(int(offset), int(marker_offset), marker).check()
         if progress.delivered.offset > checkpoint.offset:
             raise ValueError(f"invalid delivered offsets {delivered!r}")
+    read = entry.get("read")  # absent in state files written before it was saved
+    if read is not None:
+        offset, marker_offset, marker = read
+        progress.read = Checkpoint(int(offset), int(marker_offset), marker).check()
+    progress.recognizable = _usable(progress.read) or _usable(checkpoint)
     return progress
+
+
+def _usable(point: Checkpoint) -> bool:
+    """Whether a copy of the file can be recognized by this point's marker."""
+    return point.marker is not None and point.marker_offset >= MIN_COPY_OFFSET

@@ -54,7 +54,6 @@ import structlog
 from agent.config import SourceConfig, StartAt
 from agent.follow import Action, FollowState, Seen, draining, reconcile
 from agent.identity import (
-    FINGERPRINT_BYTES,
     MARKER_BYTES,
     NotFollowable,
     fingerprint,
@@ -66,11 +65,10 @@ from agent.identity import (
 )
 from agent.lines import splitter_for
 from agent.multiline import MultilineAssembler
-from agent.offsets import FileProgress, OffsetStore
+from agent.offsets import MIN_COPY_OFFSET, FileProgress, OffsetStore, SaveBarrier
 from agent.types import FILE_START, Checkpoint, FileId, Lines, LineSink, SourceFile
 
 READ_CHUNK = 256 * 1024
-MIN_COPY_OFFSET = FINGERPRINT_BYTES + MARKER_BYTES
 STOP_WAIT = 10.0
 """Seconds a reload waits for a tailer to stop where everything it read is handed on (it may
 wait for room in a full queue); past that it is cancelled and its file is read again from the
@@ -425,21 +423,49 @@ class Tailer:
         False if not, None if it was rewritten (truncated and written again) under us."""
         grew = False
         while True:
+            # Before the budget is taken: a tailer waiting for a save holds none.
+            limit = await self._cover()
+            if limit is None:
+                return grew
             # The budget shared by all tailers is held from the read until the chunk's
             # documents are queued: that is when a chunk takes memory. The chunk lives only in
             # the call, so a tailer waiting for the budget holds none.
             async with self.owner.read_budget:
-                read = await self._read_and_hand_on()
+                read = await self._read_and_hand_on(limit)
             if not read:
                 return None if read is None else grew
             grew = True
             if self.stopping:
                 return grew
 
-    async def _read_and_hand_on(self) -> bool | None:
-        """Read one chunk and hand on its complete lines. True if there was one, False at the
-        end of the file, None if it was rewritten."""
-        data = await self._blocking(self._read_chunk)
+    async def _cover(self) -> int | None:
+        """How many bytes the next read may take; None if the tailer stops meanwhile.
+
+        A file's documents go out only once the saved state can recognize a copy of it: a
+        kill -9 before the next save, then copy-truncate, would ship the copy again under new
+        ids. Once per file, the bytes the next read takes are marked and a save awaited; a
+        file too short for a mark (MIN_COPY_OFFSET) is read no further than that meanwhile."""
+        assert self.file is not None
+        saves, offsets = self.owner.saves, self.owner.offsets
+        progress = offsets.get(self.file)
+        if saves is None or progress is None or progress.recognizable:
+            return READ_CHUNK
+        size = (await self._blocking(os.fstat, self.fd)).st_size
+        if size < MIN_COPY_OFFSET:
+            return max(0, MIN_COPY_OFFSET - self.splitter.position)
+        # Marked where the next read ends: past the first line, within what is read.
+        mark = max(MIN_COPY_OFFSET, min(size, self.splitter.position + READ_CHUNK))
+        offsets.mark_read(self.file, Checkpoint.at(mark, await self._blocking(read_marker,
+                                                                              self.fd, mark)))
+        if not await saves.wait(lambda: self.stopping):
+            return None
+        offsets.covered(self.file)
+        return READ_CHUNK
+
+    async def _read_and_hand_on(self, limit: int = READ_CHUNK) -> bool | None:
+        """Read one chunk (at most `limit` bytes) and hand on its complete lines. True if there
+        was one, False at the end of the file, None if it was rewritten."""
+        data = await self._blocking(self._read_chunk, limit)
         if data is None:
             return None
         if not data:
@@ -456,13 +482,13 @@ class Tailer:
             await self._hand_on(lines, marker(before_end))
         return True
 
-    def _read_chunk(self) -> bytes | None:
+    def _read_chunk(self, limit: int = READ_CHUNK) -> bytes | None:
         """The next chunk, or None if the file no longer holds what was read. One pread takes the
         bytes before the read position too, so the check and the read see the same file (the
         start of the file is checked against the fingerprint). Blocking."""
         assert self.file is not None
         position, recent = self.splitter.position, self._recent
-        raw = os.pread(self.fd, READ_CHUNK + len(recent), position - len(recent))
+        raw = os.pread(self.fd, limit + len(recent), position - len(recent))
         if raw[: len(recent)] != recent:
             return None
         data = raw[len(recent):]
@@ -520,9 +546,12 @@ class TailerSet:
 
     def __init__(self, spawn: Spawn, sources: Iterable[SourceConfig], sinks: dict[str, LineSink],
                  offsets: OffsetStore, start_at: dict[str, StartAt],
-                 read_budget: contextlib.AbstractAsyncContextManager[Any] | None = None) -> None:
+                 read_budget: contextlib.AbstractAsyncContextManager[Any] | None = None,
+                 saves: SaveBarrier | None = None) -> None:
         self.read_budget = read_budget or contextlib.nullcontext()
         """Held while a chunk is read and handed on (the Agent's, shared by all tailers)."""
+        self.saves = saves
+        """Where tailers wait for the offsets to be saved (`Tailer._cover`); None: never."""
         self.spawn = spawn
         self.sources = {s.name: s for s in sources}
         self.sinks = sinks

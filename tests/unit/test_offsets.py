@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.offsets import OffsetStore, StateFile
+from agent.offsets import MIN_COPY_OFFSET, OffsetStore, SaveBarrier, StateFile
 from agent.types import FILE_START, Ack, Checkpoint, FileId, SourceFile
 
 A = SourceFile("s", FileId(1, 2, "aaaa"))
@@ -202,3 +203,79 @@ def test_delivered_offsets_survive_the_state_file(tmp_path: Path) -> None:
     state.save(store.snapshot())
     loaded, _ = state.load()
     assert loaded[A].committed == 180 and loaded[A].delivered == (100, 100, "m100")
+
+
+def test_a_read_mark_is_saved_and_makes_the_file_recognizable(tmp_path: Path) -> None:
+    """Issue 13: the mark set before a file's documents go out is in the state file, so a copy
+    of it made while the agent is down (after a kill -9) is recognized at the next start; a
+    mark short of MIN_COPY_OFFSET does not count."""
+    store = store_with(A, B)
+    mark = Checkpoint.at(MIN_COPY_OFFSET + 500, "mA")
+    store.mark_read(A, mark)
+    store.mark_read(B, Checkpoint.at(MIN_COPY_OFFSET - 1, "mB"))
+    store.detach(A, Checkpoint.at(40, "m40"))  # a reader that stopped earlier keeps the mark
+    state = StateFile(tmp_path)
+    state.save(store.snapshot())
+    loaded, _ = state.load()
+    assert loaded[A].read == mark and loaded[A].recognizable
+    assert loaded[B].read == FILE_START and not loaded[B].recognizable
+    # A tailer that resumes the file keeps the mark in the next saves.
+    again = OffsetStore(loaded)
+    again.attach(A, "/log/2", FILE_START)
+    progress = again.get(A)
+    assert progress is not None and progress.read == mark and progress.recognizable
+    state.save(again.snapshot())
+    assert state.load()[0][A].read == mark
+
+
+def test_a_state_file_without_read_marks_still_loads(tmp_path: Path) -> None:
+    (tmp_path / "offsets.json").write_text(json.dumps({"version": 1, "files": {str(A): {
+        "path": "/log/2", "offset": 5000, "updated": 1.0, "marker_offset": 5000, "marker": "m",
+        "delivered": None}, str(B): {"path": "/log/3", "offset": 10, "updated": 1.0,
+                                     "marker_offset": 10, "marker": "m", "delivered": None}}}))
+    loaded, status = StateFile(tmp_path).load()
+    assert status == "ok" and loaded[A].read == FILE_START
+    assert loaded[A].recognizable and not loaded[B].recognizable  # A's checkpoint is far enough
+
+
+async def test_one_save_serves_every_waiter_and_a_cancelled_waiter_cancels_none() -> None:
+    barrier = SaveBarrier()
+    waiters = [asyncio.create_task(barrier.wait(lambda: False)) for _ in range(1000)]
+    await asyncio.sleep(0)
+    assert barrier.wanted.is_set() and barrier.waiting == 1000
+    number = barrier.taking()
+    waiters[0].cancel()
+    await asyncio.sleep(0)
+    barrier.saved(number)
+    assert all(await asyncio.gather(*waiters[1:]))
+    assert barrier.waiting == 0
+
+
+async def test_a_waiter_waits_for_a_snapshot_taken_after_it_came() -> None:
+    barrier = SaveBarrier()
+    before = barrier.taking()  # a save already under way holds an older snapshot
+    waiter = asyncio.create_task(barrier.wait(lambda: False))
+    await asyncio.sleep(0)
+    barrier.saved(before)
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    barrier.saved(barrier.taking())
+    assert await waiter
+
+
+async def test_failed_saves_hold_waiters_and_say_why_until_one_works_or_they_stop() -> None:
+    barrier = SaveBarrier()
+    stopping = False
+    waiter = asyncio.create_task(barrier.wait(lambda: stopping))
+    other = asyncio.create_task(barrier.wait(lambda: False))
+    await asyncio.sleep(0)
+    barrier.taking()
+    barrier.failed("No space left on device")
+    await asyncio.sleep(0)
+    assert not waiter.done() and barrier.error == "No space left on device"
+    stopping = True
+    barrier.taking()
+    barrier.failed("No space left on device")
+    assert await waiter is False
+    barrier.saved(barrier.taking())
+    assert await other is True and barrier.error is None

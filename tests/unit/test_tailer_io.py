@@ -73,13 +73,13 @@ async def test_stopping_waits_for_a_read_in_flight(tmp_path: Path,
     seen: list[object] = []
     read_chunk = Tailer._read_chunk
 
-    def slow_read(self: Tailer) -> bytes | None:
+    def slow_read(self: Tailer, *limit: int) -> bytes | None:
         entered.set()
         gate.wait(30)
         try:
             os.fstat(self.fd)
             seen.append("descriptor open")
-            return read_chunk(self)
+            return read_chunk(self, *limit)
         except OSError as exc:
             seen.append(exc.errno)
             raise
