@@ -854,7 +854,7 @@ class Agent:
         barrier = self.save_barrier
         if barrier.error is not None and barrier.failing_since is not None:
             failing.append({
-                "part": "offsets", "since": barrier.failing_since,
+                "part": "offsets", "since": barrier.failing_since, "retry": "saved again at each tick",
                 "failures": self._save_failures.failures,
                 "error": f"cannot save {self.state_file.path}: {barrier.error}; "
                          f"{barrier.waiting} file(s) wait for it before their lines are shipped"})

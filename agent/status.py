@@ -31,7 +31,8 @@ The snapshot's contract (what `mismatch` checks; extra keys are allowed):
   (`[{"path", "lag"}]`, the files furthest behind), and, from the daemon when present,
   `failing`: `[{"path", "error", "since"}]` for files whose tailer failed (WARNING);
 - `failing` (top level, when present): `[{"part", "error", "since", "failures", ...}]` for
-  the other parts the daemon restarts after a failure (a shipper, the watcher): WARNING;
+  the other parts the daemon restarts after a failure (a shipper, the watcher), and the
+  offsets while they cannot be saved (`retry` says how each is retried): WARNING;
 - `reload` (when present: after the first reload): `{"ok", "at", "problems"}` and, when ok,
   `restart_needed` (config keys changed that apply at the next restart only). Not ok: the
   new configuration was refused with `problems` (as `agent check` says them) and the previous
@@ -392,7 +393,8 @@ def assess(snapshot: Mapping[str, Any], now: float, limits: StatusConfig,
     for part in snapshot.get("failing") or ():
         where = part.get("database") or ""
         found.append(Finding(Level.WARNING, f"{part['part']}{f' {where}' if where else ''} "
-                             f"failing for {_since(now, part['since'])}, restarted with backoff: "
+                             f"failing for {_since(now, part['since'])}, "
+                             f"{part.get('retry', 'restarted with backoff')}: "
                              f"{part['error']}"))
     found += _reload_findings(snapshot.get("reload"), now)
     dead_letters_told = False
