@@ -34,14 +34,13 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import inspect
 import os
 import resource
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -529,25 +528,20 @@ class Agent:
 
     # -- supervision: one part's failure is that part's problem
 
-    def _tailer_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """How the TailerSet starts a tailer: supervised. The coroutine is `tailer.run()`; its
-        tailer names the file in the log and the status."""
-        owner = inspect.getcoroutinelocals(coro).get("self")
-        return self._group_task(self._supervise_tailer(
-            coro, owner if isinstance(owner, Tailer) else None))
+    def _tailer_task(self, tailer: Tailer) -> asyncio.Task[None]:
+        """How the TailerSet starts a tailer: supervised."""
+        return self._group_task(self._supervise_tailer(tailer))
 
-    async def _supervise_tailer(self, run: Coroutine[Any, Any, None], tailer: Tailer | None) -> None:
+    async def _supervise_tailer(self, tailer: Tailer) -> None:
         """Run one tailer; if it fails, record it and hold its place (so no scan opens the
         file again) until the backoff has passed. Its offsets were kept when it let go of
         the file: the next tailer for it resumes from them."""
         try:
-            await run
+            await tailer.run()
         except Exception as exc:
-            source = tailer.source.name if tailer is not None else "?"
-            path = tailer.path if tailer is not None else "?"
-            position = tailer.reference()[0] if tailer is not None else 0
+            source, path = tailer.source.name, tailer.path
             failure = self.failures.failed(("file", source, path), describe(exc), time.time(),
-                                           position, holder=tailer)
+                                           tailer.reference()[0], holder=tailer)
             log.error("tailer_failed", source=source, path=path, error=failure.error,
                       failures=failure.count, retry_in=round(failure.retry_at - time.time(), 1),
                       action="this file is read again from its last committed offset after "

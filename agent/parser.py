@@ -17,7 +17,7 @@ import orjson
 
 from agent.config import SourceConfig
 from agent.counters import SourceCounters
-from agent.patterns import Pattern
+from agent.patterns import LiteralPattern, Pattern
 from agent.types import Document, FileId, Lines, SourceFile
 
 RENAME_PREFIX = "x"
@@ -47,7 +47,6 @@ BYTE_FILTER_ENCODINGS = frozenset({"utf-8", "ascii", "iso8859-1", "iso8859-15", 
 """Encodings in which an ASCII line's bytes read as the same characters, so a literal filter
 can be tried on the bytes before the line is decoded."""
 
-REGEX_SYNTAX = frozenset(".^$*+?{}[]\\|()")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,12 +259,10 @@ def _byte_filters(source: SourceConfig) -> tuple[tuple[bytes, ...], tuple[bytes,
         return (), (), False
 
     def literal(pattern: Pattern) -> bytes | None:
-        # Config compiles patterns from their text alone, so a flag is always inline syntax.
-        text = pattern.pattern
-        if REGEX_SYNTAX.intersection(text) or not text:
+        if not isinstance(pattern, LiteralPattern) or not pattern.pattern:
             return None
         try:
-            return text.encode(source.encoding)
+            return pattern.pattern.encode(source.encoding)
         except UnicodeEncodeError:
             return None
 

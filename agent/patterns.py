@@ -15,19 +15,23 @@ Why RE2 and not the `regex` module for everything (figures from
 linear whatever the line, while a time limit lets a hostile line cost the whole
 limit, line after line. Token schemas are compiled by `agent.schema` to patterns
 that are linear on `re` itself (`linear_re`), so the common case keeps `re`'s speed.
+A pattern without regex syntax (`include: [ERROR]`) is a `LiteralPattern`, a plain
+substring test; RE2 is loaded only for the first pattern that needs it (1.7 MiB
+resident that an agent with only words and schemas never carries).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, Protocol
-
-import re2
-from re2 import _re2
 
 MATCH_TIMEOUT = 0.05
 """Seconds one match of a fallback (non-RE2) pattern may take before the line is given up."""
+
+REGEX_SYNTAX = frozenset(".^$*+?{}[]\\|()")
+"""Characters that make a pattern more than the word it spells."""
 
 _NAMED_GROUP_PCRE = re.compile(r"(?<!\\)((?:\\\\)*)\(\?<(?=[A-Za-z_])")
 
@@ -101,9 +105,12 @@ class Re2Pattern:
     its bytes decoded.
     """
 
-    __slots__ = ("_engine", "_groups", "groupindex", "pattern")
+    __slots__ = ("_anchor_start", "_engine", "_groups", "_unanchored", "groupindex", "pattern")
 
     def __init__(self, text: str) -> None:
+        import re2
+        from re2 import _re2
+
         options = re2.Options()
         # RE2 otherwise prints every pattern it refuses to stderr; the refusal is handled here.
         options.log_errors = False
@@ -111,16 +118,17 @@ class Re2Pattern:
         if not engine.ok():
             raise re2.error(engine.error())
         self._engine = engine
+        self._unanchored, self._anchor_start = _re2.RE2.Anchor.UNANCHORED, _re2.RE2.Anchor.ANCHOR_START
         self.pattern = text
         self.groupindex: Mapping[str, int] = {
             name.decode(): index for name, index in engine.NamedCapturingGroups()}
         self._groups = tuple(sorted(self.groupindex.items(), key=lambda item: item[1]))
 
     def search(self, text: str, /) -> Re2Match | None:
-        return self._run(_UNANCHORED, text)
+        return self._run(self._unanchored, text)
 
     def match(self, text: str, /) -> Re2Match | None:
-        return self._run(_ANCHOR_START, text)
+        return self._run(self._anchor_start, text)
 
     def _run(self, anchor: Any, text: str) -> Re2Match | None:
         data = text.encode("utf-8", "surrogatepass")
@@ -133,6 +141,8 @@ class Re2Pattern:
 
 
 class Re2Match:
+    """The named fields of a match (of RE2, or of a `LiteralPattern`: none)."""
+
     __slots__ = ("_fields",)
 
     def __init__(self, fields: dict[str, str | None]) -> None:
@@ -142,13 +152,31 @@ class Re2Match:
         return self._fields
 
 
-_UNANCHORED = _re2.RE2.Anchor.UNANCHORED
-_ANCHOR_START = _re2.RE2.Anchor.ANCHOR_START
+class LiteralPattern:
+    """A pattern that is a plain word: a substring test, faster than any engine."""
+
+    __slots__ = ("pattern",)
+
+    groupindex: Mapping[str, int] = MappingProxyType({})
+
+    def __init__(self, text: str) -> None:
+        self.pattern = text
+
+    def search(self, text: str, /) -> Re2Match | None:
+        return Re2Match({}) if self.pattern in text else None
+
+    def match(self, text: str, /) -> Re2Match | None:
+        return Re2Match({}) if text.startswith(self.pattern) else None
 
 
 def compile_pattern(text: str) -> Pattern:
-    """A user's pattern: on RE2 if it can run it, else time-bounded on the `regex` module.
-    Raises `re.error` (what the config loader reports) if neither can compile it."""
+    """A user's pattern: a plain word as a `LiteralPattern`, else on RE2 if it can run it, else
+    time-bounded on the `regex` module. Raises `re.error` (what the config loader reports) if
+    none can compile it."""
+    if not REGEX_SYNTAX.intersection(text):
+        return LiteralPattern(text)
+    import re2
+
     try:
         return Re2Pattern(text)
     except re2.error as exc:

@@ -43,9 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -78,7 +79,8 @@ IN_FLIGHT_WAIT = 5.0
 never returns); past that the descriptor is closed when the read returns, never before."""
 log = structlog.get_logger("agent.tailer")
 
-Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+Spawn = Callable[["Tailer"], "asyncio.Task[None]"]
+"""Starts a tailer's `run` as a task (the Agent's: supervised)."""
 T = TypeVar("T")
 
 
@@ -561,11 +563,11 @@ class TailerSet:
         self.live: dict[tuple[str, int, int], Tailer] = {}
         self.owners: dict[SourceFile, Tailer] = {}
         """Which tailer reads each file now."""
-        self.by_path: dict[str, set[Tailer]] = {}
-        """The same file may be followed by several sources."""
+        self.by_path: dict[str, list[Tailer]] = {}
+        """The same file may be followed by several sources. Lists: nearly all hold one tailer,
+        and a one-item set takes four times the memory (a thousand files: a few hundred KiB)."""
         self.skipped: dict[tuple[str, str], str] = {}
         """(source, path) -> why it is not followed: each is logged once, while the path lasts."""
-        self.tasks: set[asyncio.Task[None]] = set()
         self.running: dict[Tailer, asyncio.Task[None]] = {}
         """Each tailer's task, until it is done."""
         self._scans = 0
@@ -600,7 +602,7 @@ class TailerSet:
             if (item.source, tailer.path) not in paths:
                 self._unindex(tailer)
                 tailer.rename(item.path)
-                self.by_path.setdefault(item.path, set()).add(tailer)
+                self.by_path.setdefault(item.path, []).append(tailer)
             changed = item.size != tailer.seen_size
             if item.size > tailer.seen_size:
                 # A tailer paused by a full spool does not look at its file: the scan's size
@@ -735,11 +737,10 @@ class TailerSet:
         first = self._scans == 1 or item.source in self._first_scan
         tailer = Tailer(self.sources[item.source], item.path, key, first, self, listed)
         self.live[key] = tailer
-        self.by_path.setdefault(item.path, set()).add(tailer)
-        task = self.spawn(tailer.run())
-        self.tasks.add(task)
+        self.by_path.setdefault(item.path, []).append(tailer)
+        task = self.spawn(tailer)
         self.running[tailer] = task
-        task.add_done_callback(lambda t: self._done(key, tailer, t))
+        task.add_done_callback(functools.partial(self._done, tailer))
 
     async def recover(self) -> None:
         """Follow the files the offsets know that were renamed out of every glob while the
@@ -754,17 +755,16 @@ class TailerSet:
                          size=item.size, action="reading it to its end, then releasing it")
                 self._open(item, listed=False)
 
-    def _done(self, key: tuple[str, int, int], tailer: Tailer, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
+    def _done(self, tailer: Tailer, task: asyncio.Task[None]) -> None:
         self.running.pop(tailer, None)
-        if self.live.get(key) is tailer:
-            del self.live[key]
+        if self.live.get(tailer.key) is tailer:
+            del self.live[tailer.key]
         self._unindex(tailer)
 
     def _unindex(self, tailer: Tailer) -> None:
         tailers = self.by_path.get(tailer.path)
-        if tailers is not None:
-            tailers.discard(tailer)
+        if tailers is not None and tailer in tailers:
+            tailers.remove(tailer)
             if not tailers:
                 del self.by_path[tailer.path]
 
@@ -818,9 +818,10 @@ class TailerSet:
     async def stop(self) -> None:
         """Stop every tailer; each waits for a read still running in its thread first."""
         self._closed = True
-        for task in self.tasks:
+        tasks = list(self.running.values())
+        for task in tasks:
             task.cancel("agent stopping")
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _find_unfinished(known: Iterable[tuple[SourceFile, FileProgress]],

@@ -18,8 +18,12 @@ import pytest
 import agent.tailer
 from agent.config import Problem, SourceConfig, source_from_mapping
 from agent.offsets import OffsetStore
-from agent.tailer import READ_CHUNK, Found, TailerSet
+from agent.tailer import READ_CHUNK, Found, Tailer, TailerSet
 from agent.types import FILE_START, Ack, FileId, Lines, SourceFile
+
+
+def start_tailer(tailer: Tailer) -> asyncio.Task[None]:
+    return asyncio.create_task(tailer.run())
 
 
 def source(**keys: Any) -> SourceConfig:
@@ -70,7 +74,7 @@ async def test_tailers_waiting_for_the_read_budget_hold_no_chunk(tmp_path: Path,
             # wait for the budget again. Only the chunk handed on now is in memory.
             held.append(chunks_held_by_tailers())
 
-    tailers = TailerSet(asyncio.create_task, [source(paths=[str(tmp_path / "*.log")])],
+    tailers = TailerSet(start_tailer, [source(paths=[str(tmp_path / "*.log")])],
                         {"s": sink}, OffsetStore(), {"s": "beginning"}, read_budget=budget)
     found = []
     for path in written:
@@ -122,7 +126,7 @@ async def test_a_followed_idle_file_costs_under_6_kib(tmp_path: Path, traced: No
         got.extend(lines.data)
 
     offsets = OffsetStore()
-    tailers = TailerSet(asyncio.create_task, [source(paths=[str(tmp_path / "*.log")])],
+    tailers = TailerSet(start_tailer, [source(paths=[str(tmp_path / "*.log")])],
                         {"s": sink}, offsets, {"s": "beginning"})
     found = []
     for path in paths:

@@ -7,6 +7,8 @@ on a stalling implementation they never finish, and pytest-timeout fails them.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from typing import Any
 
 import orjson
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 from agent.cli import main
 from agent.multiline import MultilineAssembler
 from agent.parser import LineContext, SourceParser
+from agent.patterns import LiteralPattern, compile_pattern
 from agent.schema import compile_schema
 from agent.types import Lines, RawLine, SourceFile
 from tests.unit.sources import FILE, make_parser
@@ -224,3 +227,43 @@ def test_renaming_never_loses_a_field(fields: dict[str, int], meta_key: str) -> 
     (doc,) = shipped(parser, orjson.dumps(fields))
     body = {k: v for k, v in doc.items() if k not in ("_id", meta_key)}
     assert body == renamed
+
+
+@settings(max_examples=300, deadline=None)
+@given(word=st.text(alphabet=st.characters(blacklist_characters=".^$*+?{}[]\\|()"), max_size=6),
+       line=st.text(max_size=30))
+def test_a_plain_word_pattern_matches_as_re_would(word: str, line: str) -> None:
+    pattern = compile_pattern(word)
+    assert isinstance(pattern, LiteralPattern)
+    assert (pattern.search(line) is not None) == (re.search(word, line) is not None)
+    assert (pattern.match(line) is not None) == (re.match(word, line) is not None)
+    assert pattern.search(word + line) is not None and pattern.match(word + line) is not None
+
+
+def test_an_agent_with_only_words_and_schemas_never_loads_an_engine(tmp_path: Any) -> None:
+    """RE2 and the `regex` module take 3 MiB resident between them, prometheus_client and
+    aiohttp's server 3 more: an agent whose config needs none of them (the seed's fail2ban
+    source, no metrics.listen) must not load them (bench/many_files.py)."""
+    code = f"""
+import sys
+from pathlib import Path
+import agent.cli, agent.daemon
+from agent import config
+from agent.parser import SourceParser
+from agent.counters import SourceCounters
+cfg = config.load(Path({str(tmp_path / "agent.yaml")!r}))
+parsers = [SourceParser(s, host="h", counters=SourceCounters()) for s in cfg.sources]
+print(sorted(m for m in ("re2", "regex", "prometheus_client") if m in sys.modules))
+"""
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "agent.yaml").write_text(
+        f"couchdb: {{url: 'http://127.0.0.1:5984'}}\nstate_dir: {tmp_path / 'state'}\n")
+    (tmp_path / "conf.d" / "f.yaml").write_text(
+        "name: f\npaths: [/var/log/f.log]\ninclude: [NOTICE, Ban]\nexclude: ['Unban ']\n"
+        "schema: '{date} {hour} {process}: {level} [{jail}] Ban {ip}'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.stdout.strip() == "[]", out.stderr
+    (tmp_path / "conf.d" / "f.yaml").write_text(
+        "name: f\npaths: [/var/log/f.log]\ninclude: ['N(OT)?ICE']\nformat: json\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.stdout.strip() == "['re2']", out.stderr

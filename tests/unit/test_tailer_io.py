@@ -18,6 +18,10 @@ from agent.watcher import scan
 from tests.unit.sources import source
 
 
+def start_tailer(tailer: Tailer) -> asyncio.Task[None]:
+    return asyncio.create_task(tailer.run())
+
+
 def test_scan_never_follows_a_file_in_the_state_dir(tmp_path: Path) -> None:
     """Issue 9 item 4: `paths: ['/var/lib/couchlog/**']` shipped every offsets.json write."""
     state = tmp_path / "state"
@@ -92,7 +96,7 @@ async def test_stopping_waits_for_a_read_in_flight(tmp_path: Path,
         pass
 
     offsets = OffsetStore()
-    tailers = TailerSet(asyncio.create_task, [source(paths=[str(log)])], {"s": sink}, offsets,
+    tailers = TailerSet(start_tailer, [source(paths=[str(log)])], {"s": sink}, offsets,
                         {"s": "beginning"})
     st = log.stat()
     tailers.reconcile([Found("s", str(log), st.st_dev, st.st_ino, st.st_size)], ["s"])
@@ -104,7 +108,7 @@ async def test_stopping_waits_for_a_read_in_flight(tmp_path: Path,
     await stopping
     assert await asyncio.to_thread(finished.wait, 30)
     assert seen == ["descriptor open"]
-    assert not tailers.live and not tailers.tasks
+    assert not tailers.live and not tailers.running
 
 
 def test_unfinished_files_are_found_by_inode_and_fingerprint_in_their_last_folder(
@@ -147,8 +151,8 @@ async def test_a_file_gone_between_scan_and_open_is_not_skipped_with_a_warning(
     async def sink(file: SourceFile, path: str, lines: Lines, end_marker: str) -> None:
         pass
 
-    tailers = TailerSet(asyncio.create_task, [source(paths=[str(log)])], {"s": sink},
+    tailers = TailerSet(start_tailer, [source(paths=[str(log)])], {"s": sink},
                         OffsetStore(), {"s": "beginning"})
     tailers.reconcile([Found("s", str(log), st.st_dev, st.st_ino, st.st_size)], ["s"])
-    await asyncio.gather(*tailers.tasks)
+    await asyncio.gather(*tailers.running.values())
     assert not tailers.skipped and not tailers.live
