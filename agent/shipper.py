@@ -83,9 +83,11 @@ class ShipperStats:
 
 @dataclass(frozen=True, slots=True)
 class Sent:
-    """What a send left unsettled: documents CouchDB answered with an error that may pass
-    (`retry`), and documents no URL took (`unsent`, in order, the tail of the batch)."""
+    """What a send settled (stored, conflicts, dead-lettered: `settled`) and what it left
+    unsettled: documents CouchDB answered with an error that may pass (`retry`), and documents
+    no URL took (`unsent`, in order, the tail of the batch)."""
 
+    settled: list[Document] = field(default_factory=list)
     retry: list[Document] = field(default_factory=list)
     unsent: list[Document] = field(default_factory=list)
 
@@ -177,11 +179,11 @@ class Shipper:
             batch = await self.queue.take(cfg.batch_max_docs, cfg.batch_max_bytes, cfg.linger,
                                           self._wait(now))
             if batch and self.healthy and not self.spool.pending:
-                self._flights[asyncio.create_task(self._send(batch))] = batch
+                self._flights[asyncio.create_task(self._deliver(batch))] = batch
             elif batch:
                 self.in_hand = batch
                 await self._land("all")
-                await self._to_spool((await self._send(batch)).unsettled if self.healthy
+                await self._to_spool((await self._deliver(batch)).unsettled if self.healthy
                                      else batch)
                 self.in_hand = []
             if not self.healthy and time.monotonic() >= self._next_probe:
@@ -236,10 +238,18 @@ class Shipper:
 
     # -- sending
 
-    async def _send(self, docs: list[Document], replayed: bool = False) -> Sent:
+    async def _deliver(self, docs: list[Document]) -> Sent:
+        """Send documents fresh from the logs, and acknowledge those settled: their lines may be
+        committed. (Spooled documents were acknowledged when they were spooled.)"""
+        sent = await self._send(docs)
+        self.acknowledge(sent.settled)
+        return sent
+
+    async def _send(self, docs: list[Document]) -> Sent:
         """Send `docs`, splitting batches CouchDB refuses as too large or bad, and trying each
-        URL once for a batch that fails; return what was left unsettled."""
+        URL once for a batch that fails."""
         work: deque[list[Document]] = deque([docs])
+        settled: list[Document] = []
         retry: list[Document] = []
         tried: set[int] = set()
         while work:
@@ -252,16 +262,16 @@ class Shipper:
                 if self.state.target not in tried:
                     work.appendleft(batch)  # the next URL, before the spool
                     continue
-                return Sent(retry, batch + [d for rest in work for d in rest])
+                return Sent(settled, retry, batch + [d for rest in work for d in rest])
             if verdict(answer) is Verdict.SPLIT:
-                await self._split(batch, work, f"HTTP {answer.status}", describe(answer.body),
-                                  replayed)
+                settled += await self._split(batch, work, f"HTTP {answer.status}",
+                                             describe(answer.body))
                 continue
             outcome = classify_results(batch, answer.json)
-            await self._settle(outcome, replayed)
+            settled += await self._settle(outcome)
             retry += outcome.retry
         self._went_up()
-        return Sent(retry)
+        return Sent(settled, retry)
 
     async def _post(self, batch: list[Document]) -> Answer:
         """POST one `_bulk_docs`; the answer if it has results or asks for a split, else raise
@@ -301,15 +311,14 @@ class Shipper:
                 self._failed(target, "server_error", error)
             raise Refused(index)
 
-    async def _settle(self, outcome: Outcome, replayed: bool) -> None:
+    async def _settle(self, outcome: Outcome) -> list[Document]:
+        """Dead-letter what CouchDB refused for good (or too often); return what is settled."""
         given_up = self.budget.charge(outcome)
         rejected = outcome.rejected + given_up
         if rejected:
             await self._dead_letter(rejected)
         done = outcome.stored + outcome.conflicts + [r.doc for r in rejected]
         self.budget.settled(done)
-        if not replayed:
-            self.acknowledge(done)
         self.stats.stored += len(outcome.stored)
         self.stats.conflicts += len(outcome.conflicts)
         self.stats.retrying = len(self.budget)
@@ -326,19 +335,20 @@ class Shipper:
                              reason=reason, first_id=outcome.retry[0].doc_id,
                              action=f"spooled and retried in {delay:.1f}s; dead-lettered after "
                              f"{self.budget.attempts} attempts")
+        return done
 
     async def _split(self, batch: list[Document], work: deque[list[Document]],
-                     error: str, reason: str, replayed: bool) -> None:
-        """A batch refused as a whole is halved until the document at fault stands alone."""
+                     error: str, reason: str) -> list[Document]:
+        """A batch refused as a whole is halved until the document at fault stands alone; that
+        one is dead-lettered (and returned: it is settled)."""
         if len(batch) == 1:
             await self._dead_letter([Rejection(batch[0], error, reason)])
-            if not replayed:
-                self.acknowledge(batch[:1])
-            return
+            return batch
         half = len(batch) // 2
         work.appendleft(batch[half:])
         work.appendleft(batch[:half])
         self.log.info("batch_split", error=error, reason=reason, size=len(batch))
+        return []
 
     # -- the spool
 
@@ -359,7 +369,7 @@ class Shipper:
                 await self._replay()
             # With nothing spooled (an unwritable spool folder), `docs` are the probe.
             if self.healthy or not self.spool.pending:
-                docs = (await self._send(docs)).unsettled
+                docs = (await self._deliver(docs)).unsettled
         # The documents went to CouchDB after a probe, not to the spool: reading may go on.
         self._backpressure(False)
 
@@ -383,7 +393,7 @@ class Shipper:
             # Records counted but none readable (skipped as corrupt): do not spin on them.
             await asyncio.sleep(0.05)
             return
-        sent = await self._send([i.doc for i in items], replayed=True)
+        sent = await self._send([i.doc for i in items])
         unsettled = {id(d) for d in sent.unsent}
         if sent.retry and not await self._append(sent.retry):
             unsettled.update(id(d) for d in sent.retry)
