@@ -655,7 +655,8 @@ class TailerSet:
                 # rewritten, whatever its bytes say.
                 if (reader is None or reader is tailer) and progress.committed <= size and \
                         await tailer.marker_matches(progress.checkpoint.marker_offset,
-                                                    progress.checkpoint.marker):
+                                                    progress.checkpoint.marker) and \
+                        await _still_holds(tailer, progress.read, size):
                     return self._attach(tailer, known, progress.checkpoint)
                 rewritten = known.file_id.next_generation()
                 tailer.log.warning("file_rewritten", committed=progress.committed, size=size,
@@ -861,6 +862,18 @@ def _find_unfinished(known: Iterable[tuple[SourceFile, FileProgress]],
                     found[(file.source, st.st_dev, st.st_ino)] = Found(
                         file.source, entry.path, st.st_dev, st.st_ino, st.st_size)
     return list(found.values())
+
+
+async def _still_holds(tailer: Tailer, point: Checkpoint, size: int) -> bool:
+    """Whether the file still holds `point`, a point it held when it was read (the saved read
+    mark). After a kill -9 the committed offset may lag far behind the lines shipped (to 0, with
+    nothing to check); a file truncated and written again since, starting with the same first
+    line, agrees with it, and resuming there would give new lines the ids of lines CouchDB has
+    (answered conflict: lost). An append-only file never gets shorter than a point it held."""
+    if point.marker is None:
+        return True
+    return point.marker_offset <= size and await tailer.marker_matches(point.marker_offset,
+                                                                       point.marker)
 
 
 def _retrieve(work: asyncio.Future[Any]) -> None:
