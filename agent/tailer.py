@@ -70,6 +70,11 @@ from agent.offsets import MIN_COPY_OFFSET, FileProgress, OffsetStore, SaveBarrie
 from agent.types import FILE_START, Checkpoint, FileId, Lines, LineSink, SourceFile
 
 READ_CHUNK = 256 * 1024
+COPY_GROWTH_WAIT = 5.0
+"""Seconds a file that starts like a known one, but is still shorter than every point it could
+be checked at, is given to grow before it is taken for a new file: logrotate's copy is found
+while `cp` is still writing it, and read as new it would ship everything again."""
+COPY_GROWTH_POLL = 0.1
 STOP_WAIT = 10.0
 """Seconds a reload waits for a tailer to stop where everything it read is handed on (it may
 wait for room in a full queue); past that it is cancelled and its file is read again from the
@@ -665,11 +670,13 @@ class TailerSet:
                 return self._attach(tailer, SourceFile(file.source, rewritten),
                                     FILE_START)
             waited = False
+            short = False
             for original in store.copies_of(file):
                 progress = store.get(original)
                 assert progress is not None
                 owner = self.owners.get(original)
                 if not await self._is_copy(tailer, progress, owner, size):
+                    short = short or _too_short_to_tell(_references(progress, owner), size)
                     continue
                 if owner is not None:
                     tailer.log.info("copy_detected", original=owner.path,
@@ -682,6 +689,11 @@ class TailerSet:
                 return self._attach(tailer, original, progress.checkpoint)
             if waited:
                 continue
+            if short:
+                grown = await _grown(tailer, size)
+                if grown is not None:
+                    size = grown
+                    continue
             offset = 0
             if tailer.at_first_start and self.start_at[file.source] == "end":
                 newline = "\n".encode(tailer.source.encoding)
@@ -695,8 +707,7 @@ class TailerSet:
         committed one, or where its reader is (or stopped). The offset must lie past the
         fingerprinted first line, so that files that merely start with the same banner are
         never taken for copies."""
-        references = (original.checkpoint,
-                      owner.reference() if owner is not None else original.read)
+        references = _references(original, owner)
         for point in references:
             if point.marker is not None and MIN_COPY_OFFSET <= point.marker_offset <= size and \
                     await tailer.marker_matches(point.marker_offset, point.marker):
@@ -862,6 +873,33 @@ def _find_unfinished(known: Iterable[tuple[SourceFile, FileProgress]],
                     found[(file.source, st.st_dev, st.st_ino)] = Found(
                         file.source, entry.path, st.st_dev, st.st_ino, st.st_size)
     return list(found.values())
+
+
+def _references(original: FileProgress, owner: Tailer | None) -> list[Checkpoint]:
+    """The points a copy of `original` is checked at: its committed offset, its saved read mark,
+    and where its reader is now, if it has one; only those with a marker."""
+    points = [original.checkpoint, original.read] + ([owner.reference()] if owner is not None else [])
+    return [point for point in points if point.marker is not None]
+
+
+def _too_short_to_tell(points: list[Checkpoint], size: int) -> bool:
+    """Whether a file of `size` bytes is shorter than every point a copy is checked at (past the
+    first line): its bytes told nothing yet. A point within it that did not match says it is no
+    copy."""
+    usable = [point.marker_offset for point in points if point.marker_offset >= MIN_COPY_OFFSET]
+    return bool(usable) and min(usable) > size
+
+
+async def _grown(tailer: Tailer, size: int) -> int | None:
+    """The file's new size once it grows past `size`; None if it stays put for
+    COPY_GROWTH_WAIT (or the tailer is asked to stop)."""
+    deadline = time.monotonic() + COPY_GROWTH_WAIT
+    while time.monotonic() < deadline and not tailer.stopping:
+        await asyncio.sleep(COPY_GROWTH_POLL)
+        now = (await tailer._blocking(os.fstat, tailer.fd)).st_size
+        if now > size:
+            return now
+    return None
 
 
 async def _still_holds(tailer: Tailer, point: Checkpoint, size: int) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,83 @@ async def test_a_file_gone_between_scan_and_open_is_not_skipped_with_a_warning(
     tailers.reconcile([Found("s", str(log), st.st_dev, st.st_ino, st.st_size)], ["s"])
     await asyncio.gather(*tailers.running.values())
     assert not tailers.skipped and not tailers.live
+
+
+async def follow_original_then_copy(folder: Path, write_copy: threading.Thread | None,
+                                    copy_bytes: bytes | None = None) -> dict[str, set[FileId]]:
+    """Follow app.log to its end, then let a scan find app.log.1: its copy, written by
+    `write_copy` (then app.log is truncated, as copytruncate does), or `copy_bytes` at once.
+    Returns the file ids each path was read under (the ids of its documents), once all is
+    quiet. Nothing is acknowledged: an adopted copy reads from the original's committed offset,
+    under its id, and CouchDB would answer conflict for what it had."""
+    log, copy = folder / "app.log", folder / "app.log.1"
+    got: dict[str, set[FileId]] = {}
+    lines_read = 0
+
+    async def sink(file: SourceFile, path: str, lines: Lines, end_marker: str) -> None:
+        nonlocal lines_read
+        got.setdefault(path, set()).add(file.file_id)
+        lines_read += len(lines.ends) if path == str(log) else 0
+
+    tailers = TailerSet(start_tailer, [source(paths=[str(folder / "app.log*")])], {"s": sink},
+                        OffsetStore(), {"s": "beginning"})
+    st = log.stat()
+    total = log.read_bytes().count(b"\n")
+    tailers.reconcile([Found("s", str(log), st.st_dev, st.st_ino, st.st_size)], ["s"])
+    async with asyncio.timeout(60):  # a bound for a hang, not a timing check
+        while lines_read < total:
+            await asyncio.sleep(0.02)
+    if copy_bytes is not None:
+        copy.write_bytes(copy_bytes)
+    if write_copy is not None:
+        write_copy.start()
+        while not copy.exists() or copy.stat().st_size < 100_000:
+            await asyncio.sleep(0.01)
+    cs = copy.stat()
+    tailers.reconcile([Found("s", str(log), st.st_dev, st.st_ino, st.st_size),
+                       Found("s", str(copy), cs.st_dev, cs.st_ino, cs.st_size)], ["s"])
+    if write_copy is not None:
+        await asyncio.to_thread(write_copy.join)
+        os.truncate(log, 0)  # logrotate's copytruncate: the copy is whole, then the original goes
+        tailers.hint(str(log))
+    # Until the copy was adopted or read as new, and read to its end.
+    async with asyncio.timeout(60):
+        while any(t.path == str(copy) and t.file is None for t in tailers.live.values()):
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    for tailer in tailers.live.values():
+        tailer.wake()
+    await asyncio.sleep(0.5)
+    await tailers.stop()
+    return got
+
+
+async def test_a_copy_found_while_cp_still_writes_it_is_not_read_again(tmp_path: Path) -> None:
+    """logrotate's copy of a big file is found by a scan while `cp` still writes it: shorter
+    than every point it could be checked at, it was read as a new file, and everything the
+    original had shipped was shipped again (2,173 lines in the review's run)."""
+    content = b"".join(b"line %07d xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n" % n for n in range(50_000))
+    (tmp_path / "app.log").write_bytes(content)
+
+    def cp() -> None:
+        with (tmp_path / "app.log.1").open("wb") as out:
+            for at in range(0, len(content), 100_000):
+                out.write(content[at:at + 100_000])
+                out.flush()
+                time.sleep(0.05)  # a disk slower than the agent: the copy grows in steps
+
+    got = await follow_original_then_copy(tmp_path, threading.Thread(target=cp))
+    log, copy = str(tmp_path / "app.log"), str(tmp_path / "app.log.1")
+    assert got[copy] <= got[log] and len(got[copy]) == 1, got
+
+
+async def test_a_file_that_only_starts_like_a_known_one_is_read_as_new(tmp_path: Path) -> None:
+    """The wait for a copy to grow is bounded: a file that shares the first line (a banner) and
+    stays shorter than what was read of the other is a new file, read in full."""
+    banner = b"=== service started ===\n"
+    body = b"".join(b"line %07d xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n" % n for n in range(5_000))
+    (tmp_path / "app.log").write_bytes(banner + body)
+    other = banner + b"another run\n" * 100
+    got = await follow_original_then_copy(tmp_path, None, other)
+    log, copy = str(tmp_path / "app.log"), str(tmp_path / "app.log.1")
+    assert len(got[copy]) == 1 and not got[copy] & got[log], got
