@@ -22,6 +22,7 @@ resident that an agent with only words and schemas never carries).
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
@@ -32,6 +33,8 @@ MATCH_TIMEOUT = 0.05
 
 REGEX_SYNTAX = frozenset(".^$*+?{}[]\\|()")
 """Characters that make a pattern more than the word it spells."""
+
+_TEXT = operator.attrgetter("pattern")
 
 _NAMED_GROUP_PCRE = re.compile(r"(?<!\\)((?:\\\\)*)\(\?<(?=[A-Za-z_])")
 
@@ -59,7 +62,20 @@ class Pattern(Protocol):
     def match(self, text: str, /) -> Match | None: ...
 
 
-class TimedPattern:
+class _SameText:
+    """Patterns compiled from the same text by the same engine are equal: a reload compares
+    sources, and an unchanged source must not be stopped and started again."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and _TEXT(other) == _TEXT(self)
+
+    def __hash__(self) -> int:
+        return hash((type(self), _TEXT(self)))
+
+
+class TimedPattern(_SameText):
     """A `regex`-module pattern whose every match is bounded by `MATCH_TIMEOUT`."""
 
     __slots__ = ("_compiled", "reason")
@@ -96,7 +112,7 @@ class TimedPattern:
         return found
 
 
-class Re2Pattern:
+class Re2Pattern(_SameText):
     """A pattern on RE2, through google-re2's compiled-regex binding (`re2._re2.RE2`).
 
     google-re2's `re`-like wrapper costs 8.7 µs per match of a fail2ban line, in Python glue
@@ -152,7 +168,7 @@ class Re2Match:
         return self._fields
 
 
-class LiteralPattern:
+class LiteralPattern(_SameText):
     """A pattern that is a plain word: a substring test, faster than any engine."""
 
     __slots__ = ("pattern",)

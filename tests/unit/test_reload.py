@@ -49,6 +49,23 @@ def test_any_key_of_a_source_is_a_change(tmp_path: Path, change: dict[str, Any])
     assert reload_module.load(current, path).changed == ("app",)
 
 
+@pytest.mark.parametrize("patterns", [
+    {"include": ["NOTICE"], "exclude": ["Unban"]},  # plain words
+    {"include": [r"N(OT)?ICE"], "multiline": {"start": r"^\d"}},  # RE2
+    {"regex": r"(?P<x>\d+)"},
+    {"include": [r"(a)\1"]},  # a backreference: the time-bounded fallback
+])
+def test_an_unchanged_source_with_patterns_is_not_a_change(
+        tmp_path: Path, patterns: dict[str, Any]) -> None:
+    """A reload restarts only the sources whose configuration changed; compiled patterns never
+    compared equal, so every source with one was stopped and started at every reload."""
+    app = {k: v for k, v in source("app", **patterns).items()
+           if not ("regex" in patterns and k == "schema")}
+    path = config_with(tmp_path, [app])
+    current = load(path)
+    assert reload_module.load(current, path).changed == ()
+
+
 def test_settings_built_into_running_parts_wait_for_a_restart(tmp_path: Path) -> None:
     path = config_with(tmp_path, [source("app")])
     current = load(path)
