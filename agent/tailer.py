@@ -71,9 +71,9 @@ from agent.types import FILE_START, Checkpoint, FileId, Lines, LineSink, SourceF
 
 READ_CHUNK = 256 * 1024
 COPY_GROWTH_WAIT = 5.0
-"""Seconds a file that starts like a known one, but is still shorter than every point it could
-be checked at, is given to grow before it is taken for a new file: logrotate's copy is found
-while `cp` is still writing it, and read as new it would ship everything again."""
+"""Seconds a file that may be a copy still being written is given to grow before it is taken
+for a new file: logrotate's copy is found while `cp` still writes it, shorter than every point
+it could be checked at, and read as new it would ship everything again."""
 COPY_GROWTH_POLL = 0.1
 STOP_WAIT = 10.0
 """Seconds a reload waits for a tailer to stop where everything it read is handed on (it may
@@ -676,7 +676,7 @@ class TailerSet:
                 assert progress is not None
                 owner = self.owners.get(original)
                 if not await self._is_copy(tailer, progress, owner, size):
-                    short = short or _too_short_to_tell(_references(progress, owner), size)
+                    short = short or await _may_be_partial_copy(tailer, progress, owner, size)
                     continue
                 if owner is not None:
                     tailer.log.info("copy_detected", original=owner.path,
@@ -882,12 +882,38 @@ def _references(original: FileProgress, owner: Tailer | None) -> list[Checkpoint
     return [point for point in points if point.marker is not None]
 
 
-def _too_short_to_tell(points: list[Checkpoint], size: int) -> bool:
-    """Whether a file of `size` bytes is shorter than every point a copy is checked at (past the
-    first line): its bytes told nothing yet. A point within it that did not match says it is no
-    copy."""
-    usable = [point.marker_offset for point in points if point.marker_offset >= MIN_COPY_OFFSET]
-    return bool(usable) and min(usable) > size
+async def _may_be_partial_copy(tailer: Tailer, original: FileProgress, owner: Tailer | None,
+                               size: int) -> bool:
+    """Whether the tailer's file may be a copy of `original` still being written: shorter than
+    every point a copy is checked at (a point within it that did not match says it is no copy),
+    and holding the same bytes before its end as the original, read now. A new log that merely
+    starts with the same banner differs there as soon as it has more than the banner, so it
+    is not held back while it grows."""
+    usable = [p.marker_offset for p in _references(original, owner)
+              if p.marker_offset >= MIN_COPY_OFFSET]
+    if owner is None or not usable or min(usable) <= size:
+        return False
+    ours = await tailer._blocking(read_marker, tailer.fd, size)
+    theirs = await tailer._blocking(_marker_in, owner.path, owner.source.follow_symlinks,
+                                    owner.key[1:], size)
+    return ours == theirs
+
+
+def _marker_in(path: str, follow_symlinks: bool, identity: tuple[int, int],
+               offset: int) -> str | None:
+    """The marker at `offset` of the file at `path`, if it is still the file with this device
+    and inode and holds that many bytes; else None. Opened apart from its tailer, whose
+    descriptor only it may use. Blocking."""
+    try:
+        fd, st = open_regular(path, follow_symlinks)
+    except (OSError, NotFollowable):
+        return None
+    try:
+        if (st.st_dev, st.st_ino) != identity or st.st_size < offset:
+            return None
+        return read_marker(fd, offset)
+    finally:
+        os.close(fd)
 
 
 async def _grown(tailer: Tailer, size: int) -> int | None:

@@ -237,3 +237,41 @@ async def test_a_file_that_only_starts_like_a_known_one_is_read_as_new(tmp_path:
     got = await follow_original_then_copy(tmp_path, None, other)
     log, copy = str(tmp_path / "app.log"), str(tmp_path / "app.log.1")
     assert len(got[copy]) == 1 and not got[copy] & got[log], got
+
+
+async def test_a_new_log_that_starts_with_a_known_banner_is_not_held_back(tmp_path: Path) -> None:
+    """A new log whose first line is a banner a big followed log also starts with is shorter
+    than every point it could be checked at for a long while; it must be read as soon as its
+    bytes differ, not once it stops growing (or outgrows the other)."""
+    banner = b"=== service started ===\n"
+    old, new = tmp_path / "app.log.1", tmp_path / "app.log"
+    old.write_bytes(banner + b"".join(b"old line %07d xxxxxxxxxxxxxxxx\n" % n for n in range(20_000)))
+    read: dict[str, int] = {}
+
+    async def sink(file: SourceFile, path: str, lines: Lines, end_marker: str) -> None:
+        read[path] = read.get(path, 0) + len(lines.ends)
+
+    tailers = TailerSet(start_tailer, [source(paths=[str(tmp_path / "app.log*")])], {"s": sink},
+                        OffsetStore(), {"s": "beginning"})
+
+    def found(*paths: Path) -> list[Found]:
+        return [Found("s", str(p), p.stat().st_dev, p.stat().st_ino, p.stat().st_size)
+                for p in paths]
+
+    tailers.reconcile(found(old), ["s"])
+    async with asyncio.timeout(60):  # a bound for a hang, not a timing check
+        while read.get(str(old), 0) < 20_001:
+            await asyncio.sleep(0.02)
+    new.write_bytes(banner + b"new line 0\n")
+    tailers.reconcile(found(old, new), ["s"])
+    # The writer goes on for longer than COPY_GROWTH_WAIT: a tailer that waits for the file to
+    # stop growing has read nothing of it when the writer stops.
+    read_while_writing = 0
+    for n in range(1, 90):
+        with new.open("ab") as f:
+            f.write(b"new line %d\n" % n)
+        tailers.hint(str(new))
+        await asyncio.sleep(0.1)
+        read_while_writing = read.get(str(new), 0)
+    await tailers.stop()
+    assert read_while_writing > 0, read
