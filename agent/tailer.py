@@ -644,7 +644,8 @@ class TailerSet:
 
     async def claim(self, tailer: Tailer, file: SourceFile, size: int) -> tuple[SourceFile, int] | None:
         """Decide which offsets `tailer` reads `file` with, and from where (module docstring).
-        None if the tailer was unlinked while waiting for a copy's original."""
+        None if the tailer was unlinked or stopped while waiting for a copy's original, or for
+        a copy to grow."""
         store = self.offsets
         while True:
             known = store.latest(file)
@@ -676,7 +677,8 @@ class TailerSet:
                 assert progress is not None
                 owner = self.owners.get(original)
                 if not await self._is_copy(tailer, progress, owner, size):
-                    short = short or await _may_be_partial_copy(tailer, progress, owner, size)
+                    short = short or await _may_be_partial_copy(tailer, original, progress,
+                                                                owner, size)
                     continue
                 if owner is not None:
                     tailer.log.info("copy_detected", original=owner.path,
@@ -694,6 +696,10 @@ class TailerSet:
                 if grown is not None:
                     size = grown
                     continue
+                if tailer.stopping or not tailer.listed:
+                    # Gone or stopped while it may still be a copy: its bytes so far are the
+                    # original's, and read as new they would be shipped again.
+                    return None
             offset = 0
             if tailer.at_first_start and self.start_at[file.source] == "end":
                 newline = "\n".encode(tailer.source.encoding)
@@ -882,20 +888,23 @@ def _references(original: FileProgress, owner: Tailer | None) -> list[Checkpoint
     return [point for point in points if point.marker is not None]
 
 
-async def _may_be_partial_copy(tailer: Tailer, original: FileProgress, owner: Tailer | None,
-                               size: int) -> bool:
+async def _may_be_partial_copy(tailer: Tailer, file: SourceFile, original: FileProgress,
+                               owner: Tailer | None, size: int) -> bool:
     """Whether the tailer's file may be a copy of `original` still being written: shorter than
     every point a copy is checked at (a point within it that did not match says it is no copy),
     and holding the same bytes before its end as the original, read now. A new log that merely
     starts with the same banner differs there as soon as it has more than the banner, so it
-    is not held back while it grows."""
+    is not held back while it grows. The original is read at its last path also while no
+    tailer reads it (a reload or a start hands it on): it is still there, whole, until the
+    copy is."""
     usable = [p.marker_offset for p in _references(original, owner)
               if p.marker_offset >= MIN_COPY_OFFSET]
-    if owner is None or not usable or min(usable) <= size:
+    if not usable or min(usable) <= size:
         return False
+    path = owner.path if owner is not None else original.path
     ours = await tailer._blocking(read_marker, tailer.fd, size)
-    theirs = await tailer._blocking(_marker_in, owner.path, owner.source.follow_symlinks,
-                                    owner.key[1:], size)
+    theirs = await tailer._blocking(_marker_in, path, tailer.source.follow_symlinks,
+                                    (file.file_id.dev, file.file_id.ino), size)
     return ours == theirs
 
 
@@ -918,9 +927,9 @@ def _marker_in(path: str, follow_symlinks: bool, identity: tuple[int, int],
 
 async def _grown(tailer: Tailer, size: int) -> int | None:
     """The file's new size once it grows past `size`; None if it stays put for
-    COPY_GROWTH_WAIT (or the tailer is asked to stop)."""
+    COPY_GROWTH_WAIT (or the tailer is asked to stop, or its file leaves the globs)."""
     deadline = time.monotonic() + COPY_GROWTH_WAIT
-    while time.monotonic() < deadline and not tailer.stopping:
+    while time.monotonic() < deadline and not tailer.stopping and tailer.listed:
         await asyncio.sleep(COPY_GROWTH_POLL)
         now = (await tailer._blocking(os.fstat, tailer.fd)).st_size
         if now > size:
