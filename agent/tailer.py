@@ -70,10 +70,12 @@ from agent.offsets import MIN_COPY_OFFSET, FileProgress, OffsetStore, SaveBarrie
 from agent.types import FILE_START, Checkpoint, FileId, Lines, LineSink, SourceFile
 
 READ_CHUNK = 256 * 1024
-COPY_GROWTH_WAIT = 5.0
+COPY_GROWTH_WAIT = 30.0
 """Seconds a file that may be a copy still being written is given to grow before it is taken
 for a new file: logrotate's copy is found while `cp` still writes it, shorter than every point
-it could be checked at, and read as new it would ship everything again."""
+it could be checked at, and read as new it would ship everything again. Long enough for a `cp`
+stalled by a busy disk; it only delays a new log whose bytes so far are all the original's
+(a banner, with nothing after it yet)."""
 COPY_GROWTH_POLL = 0.1
 STOP_WAIT = 10.0
 """Seconds a reload waits for a tailer to stop where everything it read is handed on (it may

@@ -43,11 +43,12 @@ async def test_a_copy_whose_cp_stalls_longer_than_the_growth_wait_is_not_read_ag
 
 
 async def test_a_partial_copy_removed_while_waiting_to_grow_is_not_read_again(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The scan finds a copy while it is written; before it grows again it is removed (the
     rotation was aborted, or the copy compressed and deleted). The tailer that waits for it to
     grow must give up, as one waiting for its original does, not read the deleted copy's bytes
     (the original's, shipped already) under a new id."""
+    monkeypatch.setattr(tailer_module, "COPY_GROWTH_WAIT", 2.0)  # waited out below
     log, copy = tmp_path / "app.log", tmp_path / "app.log.1"
     log.write_bytes(CONTENT)
     got: dict[str, set[FileId]] = {}
