@@ -682,6 +682,9 @@ class TailerSet:
                     short = short or await _may_be_partial_copy(tailer, original, progress,
                                                                 owner, size)
                     continue
+                # Looked up again: the check awaited, and the original may have been let go
+                # meanwhile (truncated); waiting on the tailer that let go would wait for ever.
+                owner = self.owners.get(original)
                 if owner is not None:
                     tailer.log.info("copy_detected", original=owner.path,
                                     action="waiting until the original is let go")

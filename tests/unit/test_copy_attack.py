@@ -182,3 +182,50 @@ async def test_a_copy_of_a_small_log_is_not_read_again(tmp_path: Path) -> None:
     await asyncio.sleep(0.5)
     await tailers.stop()
     assert got.get(str(copy), set()) <= got[str(log)], got
+
+
+async def test_an_original_truncated_while_its_copy_is_checked_is_not_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy's check reads in a thread; if the original is truncated meanwhile, its tailer
+    lets go of it and starts over. The copy must then adopt the original's offsets, not wait
+    for that tailer to let go again (it waited for ever; CI caught it once in a run)."""
+    log, copy = tmp_path / "app.log", tmp_path / "app.log.1"
+    log.write_bytes(CONTENT)
+    got: dict[str, set[FileId]] = {}
+    read = 0
+
+    async def sink(file: SourceFile, path: str, lines: Lines, end_marker: str) -> None:
+        nonlocal read
+        got.setdefault(path, set()).add(file.file_id)
+        read += len(lines.ends) if path == str(log) else 0
+
+    tailers = TailerSet(start_tailer, [source(paths=[str(tmp_path / "app.log*")])], {"s": sink},
+                        OffsetStore(), {"s": "beginning"})
+    is_copy = TailerSet._is_copy
+
+    async def truncated_meanwhile(*args: object, **kwargs: object) -> bool:
+        found = await is_copy(*args, **kwargs)
+        if found:
+            # logrotate truncates the original while the check's read is in its thread.
+            log.write_bytes(b"")
+            tailers.hint(str(log))
+            while tailers.owners:
+                await asyncio.sleep(0.01)
+        return found
+
+    monkeypatch.setattr(TailerSet, "_is_copy", staticmethod(truncated_meanwhile))
+
+    def found(*paths: Path) -> list[Found]:
+        return [Found("s", str(p), p.stat().st_dev, p.stat().st_ino, p.stat().st_size)
+                for p in paths]
+
+    tailers.reconcile(found(log), ["s"])
+    async with asyncio.timeout(60):  # a bound for a hang, not a timing check
+        while read < 50_000:
+            await asyncio.sleep(0.02)
+        copy.write_bytes(CONTENT)
+        tailers.reconcile(found(log, copy), ["s"])
+        while not any(t.path == str(copy) and t.file is not None for t in tailers.live.values()):
+            await asyncio.sleep(0.02)
+    await tailers.stop()
+    assert got.get(str(copy), set()) <= got[str(log)], got
