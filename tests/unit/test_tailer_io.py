@@ -16,11 +16,8 @@ from agent.offsets import FileProgress, OffsetStore
 from agent.tailer import Found, Tailer, TailerSet, _find_unfinished
 from agent.types import Checkpoint, FileId, Lines, SourceFile
 from agent.watcher import scan
+from tests.unit.copies import Scene, follow_original_then_copy, start_tailer
 from tests.unit.sources import source
-
-
-def start_tailer(tailer: Tailer) -> asyncio.Task[None]:
-    return asyncio.create_task(tailer.run())
 
 
 def test_scan_never_follows_a_file_in_the_state_dir(tmp_path: Path) -> None:
@@ -159,55 +156,6 @@ async def test_a_file_gone_between_scan_and_open_is_not_skipped_with_a_warning(
     assert not tailers.skipped and not tailers.live
 
 
-async def follow_original_then_copy(folder: Path, write_copy: threading.Thread | None,
-                                    copy_bytes: bytes | None = None) -> dict[str, set[FileId]]:
-    """Follow app.log to its end, then let a scan find app.log.1: its copy, written by
-    `write_copy` (then app.log is truncated, as copytruncate does), or `copy_bytes` at once.
-    Returns the file ids each path was read under (the ids of its documents), once all is
-    quiet. Nothing is acknowledged: an adopted copy reads from the original's committed offset,
-    under its id, and CouchDB would answer conflict for what it had."""
-    log, copy = folder / "app.log", folder / "app.log.1"
-    got: dict[str, set[FileId]] = {}
-    lines_read = 0
-
-    async def sink(file: SourceFile, path: str, lines: Lines, end_marker: str) -> None:
-        nonlocal lines_read
-        got.setdefault(path, set()).add(file.file_id)
-        lines_read += len(lines.ends) if path == str(log) else 0
-
-    tailers = TailerSet(start_tailer, [source(paths=[str(folder / "app.log*")])], {"s": sink},
-                        OffsetStore(), {"s": "beginning"})
-    st = log.stat()
-    total = log.read_bytes().count(b"\n")
-    tailers.reconcile([Found("s", str(log), st.st_dev, st.st_ino, st.st_size)], ["s"])
-    async with asyncio.timeout(60):  # a bound for a hang, not a timing check
-        while lines_read < total:
-            await asyncio.sleep(0.02)
-    if copy_bytes is not None:
-        copy.write_bytes(copy_bytes)
-    if write_copy is not None:
-        write_copy.start()
-        while not copy.exists() or copy.stat().st_size < 100_000:
-            await asyncio.sleep(0.01)
-    cs = copy.stat()
-    tailers.reconcile([Found("s", str(log), st.st_dev, st.st_ino, st.st_size),
-                       Found("s", str(copy), cs.st_dev, cs.st_ino, cs.st_size)], ["s"])
-    if write_copy is not None:
-        await asyncio.to_thread(write_copy.join)
-        os.truncate(log, 0)  # logrotate's copytruncate: the copy is whole, then the original goes
-        tailers.hint(str(log))
-    # Until the copy was adopted or read as new, and read to its end.
-    async with asyncio.timeout(60):
-        while any(t.path == str(copy) and t.file is None for t in tailers.live.values()):
-            await asyncio.sleep(0.05)
-    await asyncio.sleep(0.5)
-    for tailer in tailers.live.values():
-        tailer.wake()
-    await asyncio.sleep(0.5)
-    await tailers.stop()
-    return got
-
-
 async def test_a_copy_found_while_cp_still_writes_it_is_not_read_again(tmp_path: Path) -> None:
     """logrotate's copy of a big file is found by a scan while `cp` still writes it: shorter
     than every point it could be checked at, it was read as a new file, and everything the
@@ -222,9 +170,8 @@ async def test_a_copy_found_while_cp_still_writes_it_is_not_read_again(tmp_path:
                 out.flush()
                 time.sleep(0.05)  # a disk slower than the agent: the copy grows in steps
 
-    got = await follow_original_then_copy(tmp_path, threading.Thread(target=cp))
-    log, copy = str(tmp_path / "app.log"), str(tmp_path / "app.log.1")
-    assert got[copy] <= got[log] and len(got[copy]) == 1, got
+    scene = await follow_original_then_copy(tmp_path, threading.Thread(target=cp))
+    assert not scene.copy_read_again(), scene.got
 
 
 async def test_a_file_that_only_starts_like_a_known_one_is_read_as_new(tmp_path: Path) -> None:
@@ -234,44 +181,32 @@ async def test_a_file_that_only_starts_like_a_known_one_is_read_as_new(tmp_path:
     body = b"".join(b"line %07d xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n" % n for n in range(5_000))
     (tmp_path / "app.log").write_bytes(banner + body)
     other = banner + b"another run\n" * 100
-    got = await follow_original_then_copy(tmp_path, None, other)
-    log, copy = str(tmp_path / "app.log"), str(tmp_path / "app.log.1")
-    assert len(got[copy]) == 1 and not got[copy] & got[log], got
+    scene = await follow_original_then_copy(tmp_path, None, other)
+    copy, log = scene.got[str(scene.copy)], scene.got[str(scene.log)]
+    assert len(copy) == 1 and not copy & log, scene.got
 
 
 async def test_a_new_log_that_starts_with_a_known_banner_is_not_held_back(tmp_path: Path) -> None:
     """A new log whose first line is a banner a big followed log also starts with is shorter
     than every point it could be checked at for a long while; it must be read as soon as its
-    bytes differ, not once it stops growing (or outgrows the other)."""
+    bytes differ, not once it stops growing (or outgrows the other). Here the big one is
+    app.log, the new one app.log.1 (a second service, say)."""
     banner = b"=== service started ===\n"
-    old, new = tmp_path / "app.log.1", tmp_path / "app.log"
-    old.write_bytes(banner + b"".join(b"old line %07d xxxxxxxxxxxxxxxx\n" % n for n in range(20_000)))
-    read: dict[str, int] = {}
-
-    async def sink(file: SourceFile, path: str, lines: Lines, end_marker: str) -> None:
-        read[path] = read.get(path, 0) + len(lines.ends)
-
-    tailers = TailerSet(start_tailer, [source(paths=[str(tmp_path / "app.log*")])], {"s": sink},
-                        OffsetStore(), {"s": "beginning"})
-
-    def found(*paths: Path) -> list[Found]:
-        return [Found("s", str(p), p.stat().st_dev, p.stat().st_ino, p.stat().st_size)
-                for p in paths]
-
-    tailers.reconcile(found(old), ["s"])
-    async with asyncio.timeout(60):  # a bound for a hang, not a timing check
-        while read.get(str(old), 0) < 20_001:
-            await asyncio.sleep(0.02)
-    new.write_bytes(banner + b"new line 0\n")
-    tailers.reconcile(found(old, new), ["s"])
-    # The writer goes on for longer than COPY_GROWTH_WAIT: a tailer that waits for the file to
-    # stop growing has read nothing of it when the writer stops.
-    read_while_writing = 0
+    scene = Scene(tmp_path)
+    scene.log.write_bytes(banner + b"".join(b"old line %07d xxxxxxxxxxxxxxxx\n" % n
+                                            for n in range(20_000)))
+    scene.scan(scene.log)
+    await scene.read_log(20_001)
+    scene.copy.write_bytes(banner + b"new line 0\n")
+    scene.scan(scene.log, scene.copy)
+    # The writer goes on for 9 s: a tailer that waits
+    # for the file to stop growing has read nothing of it when the writer stops.
+    read_while_writing: set[FileId] = set()
     for n in range(1, 90):
-        with new.open("ab") as f:
+        with scene.copy.open("ab") as f:
             f.write(b"new line %d\n" % n)
-        tailers.hint(str(new))
+        scene.tailers.hint(str(scene.copy))
         await asyncio.sleep(0.1)
-        read_while_writing = read.get(str(new), 0)
-    await tailers.stop()
-    assert read_while_writing > 0, read
+        read_while_writing = set(scene.got.get(str(scene.copy), ()))
+    await scene.tailers.stop()
+    assert read_while_writing and not read_while_writing & scene.got[str(scene.log)], scene.got
