@@ -96,16 +96,14 @@ class TimedPattern(_SameText):
         return index
 
     def search(self, text: str) -> Match | None:
-        try:
-            found: Match | None = self._compiled.search(text, timeout=MATCH_TIMEOUT)
-        except TimeoutError:
-            raise PatternTimeout(f"the pattern {self.pattern!r} took over {MATCH_TIMEOUT}s "
-                                 "on this line") from None
-        return found
+        return self._bounded(self._compiled.search, text)
 
     def match(self, text: str) -> Match | None:
+        return self._bounded(self._compiled.match, text)
+
+    def _bounded(self, run: Any, text: str) -> Match | None:
         try:
-            found: Match | None = self._compiled.match(text, timeout=MATCH_TIMEOUT)
+            found: Match | None = run(text, timeout=MATCH_TIMEOUT)
         except TimeoutError:
             raise PatternTimeout(f"the pattern {self.pattern!r} took over {MATCH_TIMEOUT}s "
                                  "on this line") from None
