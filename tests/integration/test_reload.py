@@ -84,6 +84,20 @@ def reload(config: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+def reload_while_writing(config: Path, log_path: Path, start: int, count: int, after: float,
+                         spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """Append `count` lines from `start` (1 ms apart) and, `after` seconds into that, replace
+    the source with `spec` and reload; the reload's outcome once every line is written."""
+    writer = threading.Thread(target=append, args=(log_path, start, count, 0.001))
+    writer.start()
+    try:
+        time.sleep(after)
+        write_source(config, spec)
+        return reload(config)
+    finally:
+        writer.join()
+
+
 def status(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "agent", "status", "-c", str(config)],
                           capture_output=True, text=True, timeout=60)
@@ -135,14 +149,8 @@ def test_reload_changes_a_parser_while_lines_arrive(tmp_path: Path, couch: Couch
     with AgentProcess(config) as agent:
         agent.wait_started()
         wait_for(lambda: couch.count(database) >= 200, 60, "the first 200 documents")
-        writer = threading.Thread(target=append, args=(log_path, 200, 1500, 0.001))
-        writer.start()
-        try:
-            time.sleep(0.3)
-            write_source(config, source("app", log_path, database, regex=V2, version="v2"))
-            done = reload(config)
-        finally:
-            writer.join()
+        done = reload_while_writing(config, log_path, 200, 1500, 0.3,
+                                    source("app", log_path, database, regex=V2, version="v2"))
         assert done.returncode == 0, (done.stderr, agent.log())
         append(log_path, 1700, 200)
         wait_for(lambda: couch.count(database) >= 1900, 60, "every document")
@@ -192,14 +200,8 @@ def test_reload_moves_a_source_to_another_database(tmp_path: Path, couch: CouchD
     with AgentProcess(config) as agent:
         agent.wait_started()
         wait_for(lambda: couch.count(database) >= 100, 60, "shipping to start")
-        writer = threading.Thread(target=append, args=(log_path, 200, 1000, 0.001))
-        writer.start()
-        try:
-            time.sleep(0.2)
-            write_source(config, source("app", log_path, other_database))
-            done = reload(config)
-        finally:
-            writer.join()
+        done = reload_while_writing(config, log_path, 200, 1000, 0.2,
+                                    source("app", log_path, other_database))
         assert done.returncode == 0, (done.stderr, agent.log())
         wait_for(lambda: couch.count(database) + couch.count(other_database) >= 1200, 60,
                  "every document")
