@@ -7,6 +7,7 @@ import base64
 import gzip
 import json
 import secrets
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,19 +198,27 @@ def test_agent_run_ships_through_the_front_over_tls(front: Front, couch: CouchDB
         pipeline.stop()
 
 
+def send_through(front: Front, data: Path) -> subprocess.CompletedProcess[str]:
+    """`agent send` of a file through the front over TLS, anonymously."""
+    return run_agent("send", "--url", f"https://127.0.0.1:{front.https_port}", "--ca-file",
+                     str(front.ca), "--db", front.db, str(data))
+
+
+def messages(couch: CouchDB, db: str, prefix: str) -> Counter[str]:
+    """The `msg` of every document in `db` that starts with `prefix`."""
+    return Counter(str(doc["msg"]) for doc in couch.docs(db)
+                   if str(doc.get("msg", "")).startswith(prefix))
+
+
 def test_agent_send_through_the_front_anonymously_stores_once(front: Front, couch: CouchDB,
                                                               tmp_path: Path) -> None:
     data = tmp_path / "app.jsonl"
     data.write_text("".join(json.dumps({"msg": f"sent {i}"}) + "\n" for i in range(50)))
-    args = ("send", "--url", f"https://127.0.0.1:{front.https_port}", "--ca-file", str(front.ca),
-            "--db", front.db, str(data))
-    first = run_agent(*args)
+    first = send_through(front, data)
     assert first.returncode == 0, first.stderr
-    second = run_agent(*args)
+    second = send_through(front, data)
     assert second.returncode == 0 and "0 stored, 50 already stored" in second.stderr, second.stderr
-    sent = Counter(str(doc["msg"]) for doc in couch.docs(front.db)
-                   if str(doc.get("msg", "")).startswith("sent "))
-    assert sent == Counter(f"sent {i}" for i in range(50))
+    assert messages(couch, front.db, "sent ") == Counter(f"sent {i}" for i in range(50))
 
 
 @pytest.mark.parametrize("authorization", ["x", "Bearer x", "Digest username=\"x\"", "Basic",
@@ -308,13 +317,10 @@ def test_agent_send_splits_a_batch_too_big_for_the_front(front: Front, couch: Co
     lines = [{"msg": f"big {i}", "pad": str(i) * 400_000} for i in range(3)]
     data = tmp_path / "big.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    done = run_agent("send", "--url", f"https://127.0.0.1:{front.https_port}", "--ca-file",
-                     str(front.ca), "--db", front.db, str(data))
+    done = send_through(front, data)
     assert done.returncode == 0, done.stderr
     assert "3 stored" in done.stderr, done.stderr
-    big = Counter(str(doc["msg"]) for doc in couch.docs(front.db)
-                  if str(doc.get("msg", "")).startswith("big "))
-    assert big == Counter(f"big {i}" for i in range(3))
+    assert messages(couch, front.db, "big ") == Counter(f"big {i}" for i in range(3))
 
 
 def test_agent_send_refuses_only_the_line_too_big_for_the_front(front: Front, couch: CouchDB,
@@ -322,10 +328,7 @@ def test_agent_send_refuses_only_the_line_too_big_for_the_front(front: Front, co
     data = tmp_path / "one-huge.jsonl"
     data.write_text(json.dumps({"msg": "small 1"}) + "\n" + json.dumps({"msg": "x" * 1_500_000})
                     + "\n" + json.dumps({"msg": "small 2"}) + "\n")
-    done = run_agent("send", "--url", f"https://127.0.0.1:{front.https_port}", "--ca-file",
-                     str(front.ca), "--db", front.db, str(data))
+    done = send_through(front, data)
     assert done.returncode == 4, done.stderr
     assert "2 stored, 0 already stored, 1 refused" in done.stderr, done.stderr
-    small = Counter(str(doc["msg"]) for doc in couch.docs(front.db)
-                    if str(doc.get("msg", "")).startswith("small "))
-    assert small == Counter(["small 1", "small 2"])
+    assert messages(couch, front.db, "small ") == Counter(["small 1", "small 2"])
