@@ -695,6 +695,9 @@ class TailerSet:
                 tailer.log.info("copy_adopted", original=progress.path, offset=progress.committed)
                 return self._attach(tailer, original, progress.checkpoint)
             if waited:
+                # The copy went on growing while its original was read to its end: checked
+                # at its old size, every point is past it and the original is gone.
+                size = (await tailer._blocking(os.fstat, tailer.fd)).st_size
                 continue
             if short:
                 grown = await _grown(tailer, size)
